@@ -16,9 +16,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from attncomm.config import AppConfig, register_configs
 from attncomm.errors import AttncommError
-from attncomm.registry import run_job
+from attncomm.runtime.config import AppConfig, register_configs
+from attncomm.runtime.registry import run_job
 
 log = logging.getLogger("attncomm")
 register_configs()

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from attncomm.config import ModelConfig
-from attncomm.models import load_model
+from attncomm.methods.acc_tracing import build_omega_cache, trace_prompts
+from attncomm.models.adapter import load_model
+from attncomm.runtime.config import ModelConfig
 from attncomm.tasks import get_task
-from attncomm.tracer import build_omega_cache, trace_prompts
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attncomm.core.omega import OmegaCache
-from attncomm.tracer import build_omega_cache
+from attncomm.core.omega_factors import OmegaCache
+from attncomm.methods.acc_tracing import build_omega_cache
 
 
 def random_tokens(batch: int, n_pos: int, seed: int = 0) -> Tensor:

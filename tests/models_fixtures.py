@@ -1,8 +1,8 @@
 """Session-scoped tiny models for tests: ``from tests.models_fixtures import tiny_gpt2, load_tiny``.
 
-Models are built once per version of ``attncomm/testmodels.py`` into a directory under the system temp
-dir (or ``$ATTNCOMM_TEST_CACHE``) and loaded once per process (``load_tiny`` is cached), so float64
-variants are available too: ``load_tiny("tiny-gemma2", torch.float64)``. The adapters are shared:
+Models are built once per version of ``attncomm/models/random_models.py`` into a directory under the
+system temp dir (or ``$ATTNCOMM_TEST_CACHE``) and loaded once per process (``load_tiny`` is cached), so
+float64 variants are available too: ``load_tiny("tiny-gemma2", torch.float64)``. The adapters are shared:
 tests must not change their state (e.g. ``set_split_qkv_input``); load a fresh one for that.
 """
 
@@ -17,16 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import attncomm.testmodels
-from attncomm.config import ModelConfig
-from attncomm.models import ModelAdapter, load_model
+import attncomm.models.random_models
+from attncomm.models.adapter import ModelAdapter, load_model
+from attncomm.runtime.config import ModelConfig
 
 FAMILIES = {"tiny-gpt2": "gpt2", "tiny-pythia": "neox", "tiny-gemma2": "gemma2", "gpt2-small-random": "gpt2"}
 
 
 def test_cache_dir() -> Path:
     """Where test models are built: keyed by the builders' source, so an edited builder rebuilds."""
-    source = Path(attncomm.testmodels.__file__).read_bytes()
+    source = Path(attncomm.models.random_models.__file__).read_bytes()
     digest = hashlib.sha256(source).hexdigest()[:12]
     root = os.environ.get("ATTNCOMM_TEST_CACHE") or str(Path(tempfile.gettempdir()) / "attncomm-test-models")
     return Path(root) / digest

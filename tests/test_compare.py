@@ -10,7 +10,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from attncomm.circuits import (
+from attncomm.core.circuit_overlap import circuit_components, compare_with_literature, precision_recall_f1
+from attncomm.core.node_ids import parse_node_id, read_graph
+from attncomm.core.pruning import prune
+from attncomm.io.circuits_data import (
     NoReferenceCircuitError,
     available_methods,
     canonical_method,
@@ -19,10 +22,7 @@ from attncomm.circuits import (
     literature_circuit,
     load_circuits_data,
 )
-from attncomm.core.compare import circuit_components, compare_with_literature, precision_recall_f1
-from attncomm.core.graphs import parse_node_id, read_graph
-from attncomm.core.prune import prune
-from attncomm.plots import comparison_across_thresholds, comparison_bar_plot, save_figure
+from attncomm.viz.plots import comparison_across_thresholds, comparison_bar_plot, save_figure
 
 INTERVENTIONS = "interventions_graph_gpt2-small_gp_n100_0_combined_0.01.graphml"
 

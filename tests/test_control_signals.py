@@ -13,8 +13,7 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist, pdist
 
-from attncomm.config import AppConfig, TaskConfig
-from attncomm.core.control_signals import (
+from attncomm.core.signal_clusters import (
     PUNCTUATION,
     candidate_firings,
     cluster_signals,
@@ -29,11 +28,12 @@ from attncomm.core.control_signals import (
     sink_mask,
 )
 from attncomm.errors import ConfigError
-from attncomm.plots import cluster_size_bars, control_signal_histograms
-from attncomm.registry import RunContext, get_stage
+from attncomm.methods.acc_tracing import build_omega_cache, trace_prompts
+from attncomm.runtime.config import AppConfig, TaskConfig
+from attncomm.runtime.registry import RunContext, get_stage
 from attncomm.stages.control_signals import analyse_signals, run_control_signals
 from attncomm.tasks import get_task
-from attncomm.tracer import build_omega_cache, trace_prompts
+from attncomm.viz.plots import cluster_size_bars, control_signal_histograms
 from tests import models_fixtures as fixtures
 from tests.fakes import RecordingTracker
 from tests.models_fixtures import load_tiny

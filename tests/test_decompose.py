@@ -20,9 +20,9 @@ import torch
 
 from attncomm.core.contributions import projection_vectors, upstream_contributions
 from attncomm.core.decompose import decompose_firings, layer_inputs, selection_mask
-from attncomm.core.omega import omega_factors
+from attncomm.core.omega_factors import omega_factors
 from attncomm.core.residual import component_writes, required_hooks
-from attncomm.tracer import _prompt_tensors, build_omega_cache, needed_hooks
+from attncomm.methods.acc_tracing import _prompt_tensors, build_omega_cache, needed_hooks
 from tests.models_fixtures import load_tiny
 
 BUILDERS = ["tiny-gpt2", "tiny-pythia", "tiny-gemma2"]

@@ -1,9 +1,9 @@
 """Intervention experiments (ACC-METHOD.md section 9): operations, random draws, table, stage end to end.
 
-Expectations are independent of :mod:`attncomm.core.experiments` where possible: contributions
+Expectations are independent of :mod:`attncomm.core.edge_experiments` where possible: contributions
 ``c[k]`` from dense Omegas and the model's own normalized inputs, relative logits from
 ``hook_attn_scores``, random sets from a fresh ``numpy.random.RandomState`` driven by hand, and the
-section-7 removal effect from :func:`attncomm.core.interventions.intervention_graph`.
+section-7 removal effect from :func:`attncomm.core.edge_interventions.intervention_graph`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from attncomm.circuits import intervention_experiment_edges, load_circuits_data
-from attncomm.config import AppConfig, TaskConfig
-from attncomm.core.experiments import (
+from attncomm.core.edge_experiments import (
     COLUMNS,
     OPERATIONS,
     PUBLISHED_COLUMNS,
@@ -36,11 +34,13 @@ from attncomm.core.experiments import (
     signed_removal,
     summarize,
 )
-from attncomm.core.graphs import format_node_id, is_root, read_graph
-from attncomm.core.interventions import intervention_graph, removal_hooks
+from attncomm.core.edge_interventions import intervention_graph, removal_hooks
+from attncomm.core.node_ids import format_node_id, is_root, read_graph
 from attncomm.errors import AttncommError
-from attncomm.registry import RunContext, get_stage
-from attncomm.tracer import build_omega_cache
+from attncomm.io.circuits_data import intervention_experiment_edges, load_circuits_data
+from attncomm.methods.acc_tracing import build_omega_cache
+from attncomm.runtime.config import AppConfig, TaskConfig
+from attncomm.runtime.registry import RunContext, get_stage
 from tests import models_fixtures as fixtures
 from tests.acc_reference import dest_firing, random_tokens, relative_logit
 from tests.conftest import shared_path
@@ -358,7 +358,7 @@ def test_seed_makes_runs_identical_and_changes_only_random_rows() -> None:
 
 def test_edge_not_in_graph_is_a_warning_and_zero_rows(caplog) -> None:
     missing = ExperimentEdge((0, 3, "t2", "t1"), (1, 0, "t3", "t2"))
-    with caplog.at_level(logging.WARNING, logger="attncomm.core.experiments"):
+    with caplog.at_level(logging.WARNING, logger="attncomm.core.edge_experiments"):
         result = _run(edges=[missing, TOY_EDGES[0]])
     assert "(0, 3, 't2', 't1') -> (1, 0, 't3', 't2') is not in" in caplog.text
     assert result.missing == [missing]

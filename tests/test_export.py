@@ -12,10 +12,12 @@ from pathlib import Path
 import networkx as nx
 import pytest
 
-from attncomm.config import AppConfig, ModelConfig, TaskConfig
-from attncomm.core.graphs import edge_table, format_node_id, read_graph
+from attncomm.core.node_ids import edge_table, format_node_id, read_graph
 from attncomm.errors import MissingArtifactError
-from attncomm.export import (
+from attncomm.runtime.config import AppConfig, ModelConfig, TaskConfig
+from attncomm.runtime.registry import RunContext, get_stage
+from attncomm.stages.export import run_export
+from attncomm.viz.cytoscape import (
     cytoscape_to_graph,
     graph_to_html,
     layout_positions,
@@ -24,8 +26,6 @@ from attncomm.export import (
     write_cyjs,
     write_html,
 )
-from attncomm.registry import RunContext, get_stage
-from attncomm.stages.export import run_export
 from tests.browser import chromium_or_skip, dump_dom, screenshot
 from tests.conftest import shared_path
 

@@ -13,11 +13,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from attncomm.artifacts import RunArtifacts, atomic_path, format_threshold, run_dir_for
-from attncomm.config import AppConfig, LoggerConfig, register_configs
 from attncomm.errors import ConfigError, MissingArtifactError
-from attncomm.registry import RunContext, get_stage, load_stages
-from attncomm.tracking import Tracker, find_offline_runs, read_offline_run
+from attncomm.io.artifacts import RunArtifacts, atomic_path, format_threshold, run_dir_for
+from attncomm.runtime.config import AppConfig, LoggerConfig, register_configs
+from attncomm.runtime.registry import RunContext, get_stage, load_stages
+from attncomm.runtime.tracking import Tracker, find_offline_runs, read_offline_run
 from tests.conftest import REPO_ROOT
 
 CONF = str(REPO_ROOT / "conf")
@@ -276,7 +276,7 @@ def test_offline_tracker_logs_figures(tmp_path: Path) -> None:
 
 def _manifest_writer(args: tuple[str, int]) -> None:
     root, i = args
-    from attncomm.artifacts import update_manifest
+    from attncomm.io.artifacts import update_manifest
 
     update_manifest(RunArtifacts(Path(root), "m", "t", 1, 0), f"stage{i}", [], {"i": i})
 
@@ -325,7 +325,7 @@ class _DeadRun:
 
 
 def test_tracker_survives_a_dead_wandb_service(caplog: pytest.LogCaptureFixture) -> None:
-    from attncomm.tracking import PrefixedTracker
+    from attncomm.runtime.tracking import PrefixedTracker
 
     tracker = Tracker(LoggerConfig(mode="disabled"))
     dead = _DeadRun()
@@ -342,7 +342,7 @@ def test_tracker_survives_a_dead_wandb_service(caplog: pytest.LogCaptureFixture)
 
 
 def test_wandb_group_is_the_name_or_the_sweep() -> None:
-    from attncomm.registry import wandb_group
+    from attncomm.runtime.registry import wandb_group
 
     assert wandb_group("paper", "outputs/hydra/multirun/2026-11-24/03-15-38") == "paper"
     assert wandb_group("default", None) == "default"

@@ -8,7 +8,7 @@ from pathlib import Path
 import networkx as nx
 import pytest
 
-from attncomm.core.graphs import (
+from attncomm.core.node_ids import (
     GRAPHML_NS,
     GraphFormatError,
     NodeIdError,

@@ -1,6 +1,6 @@
 """Edge interventions (ACC-METHOD.md section 7) on tiny random models.
 
-Expectations are computed independently of :mod:`attncomm.core.interventions`: upstream writes from
+Expectations are computed independently of :mod:`attncomm.core.edge_interventions`: upstream writes from
 :func:`attncomm.core.residual.component_writes`, projectors as dense ``B B^T`` from ``OmegaCache.get``,
 singular-term contributions ``c[k]`` from dense Omegas and the model's own normalized inputs, and
 attention logits from the model's ``hook_attn_scores``.
@@ -15,8 +15,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from attncomm.core.graphs import read_graph, write_graph
-from attncomm.core.interventions import (
+from attncomm.core.edge_interventions import (
     Removal,
     edge_sites,
     head_space_delta,
@@ -28,9 +27,10 @@ from attncomm.core.interventions import (
     site_removal,
     upstream_write,
 )
+from attncomm.core.node_ids import read_graph, write_graph
 from attncomm.core.residual import component_writes
-from attncomm.models import ModelAdapter
-from attncomm.tracer import build_omega_cache
+from attncomm.methods.acc_tracing import build_omega_cache
+from attncomm.models.adapter import ModelAdapter
 from tests.acc_reference import augment, dest_firing, random_tokens, relative_logit
 from tests.models_fixtures import load_tiny
 

@@ -22,8 +22,8 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from attncomm.config import AppConfig, register_configs
-from attncomm.tracking import find_offline_runs, read_offline_run
+from attncomm.runtime.config import AppConfig, register_configs
+from attncomm.runtime.tracking import find_offline_runs, read_offline_run
 from tests.conftest import REPO_ROOT
 
 CONF = str(REPO_ROOT / "conf")

@@ -13,10 +13,10 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from attncomm.config import ModelConfig
-from attncomm.models import ModelAdapter, ModelNotAvailableError, load_model
-from attncomm.testmodels import BUILDERS, build_model_dir
-from attncomm.tokenizer import gpt2_tokenizer, save_gpt2_tokenizer
+from attncomm.models.adapter import ModelAdapter, ModelNotAvailableError, load_model
+from attncomm.models.gpt2_tokenizer import gpt2_tokenizer, save_gpt2_tokenizer
+from attncomm.models.random_models import BUILDERS, build_model_dir
+from attncomm.runtime.config import ModelConfig
 from tests.conftest import shared_path
 from tests.models_fixtures import load_tiny, test_cache_dir, tiny_gemma2, tiny_gpt2, tiny_pythia  # noqa: F401
 

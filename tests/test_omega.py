@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attncomm.core.omega import (
+from attncomm.core.omega_factors import (
     OmegaCache,
     dense_omega,
     omega_factors,
     rotary_matrix,
     thin_svd,
 )
-from attncomm.tracer import build_omega_cache
+from attncomm.methods.acc_tracing import build_omega_cache
 from tests.models_fixtures import load_tiny
 
 F64 = torch.float64

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from attncomm.config import AppConfig, ModelConfig, PipelineConfig, TaskConfig
 from attncomm.errors import ConfigError
-from attncomm.registry import RunContext
+from attncomm.runtime.config import AppConfig, ModelConfig, PipelineConfig, TaskConfig
+from attncomm.runtime.registry import RunContext
 from attncomm.stages.pipeline import run_pipeline
 
 INTERVENTIONS = "interventions_graph_gpt2-small_gp_n100_0_combined_0.01.graphml"

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from attncomm.core.residual import ComponentWrites, component_writes, head_writes, required_hooks
-from attncomm.models import ModelAdapter
+from attncomm.models.adapter import ModelAdapter
 from tests.models_fixtures import load_tiny
 
 TINY = ["tiny-gpt2", "tiny-pythia", "tiny-gemma2"]

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from attncomm.results_io import (
+from attncomm.io.results import (
     FiringRecord,
     PromptRecord,
     TracingResults,

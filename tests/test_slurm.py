@@ -40,10 +40,10 @@ import pytest
 import torch
 import yaml
 
-from attncomm.artifacts import RunArtifacts, method_overrides, run_dir_for
-from attncomm.registry import RunContext
+from attncomm.io.artifacts import RunArtifacts, method_overrides, run_dir_for
+from attncomm.runtime.registry import RunContext
+from attncomm.runtime.tracking import find_offline_runs, read_offline_run
 from attncomm.stages.trace import run_trace
-from attncomm.tracking import find_offline_runs, read_offline_run
 from tests import models_fixtures as fixtures
 from tests.conftest import REPO_ROOT
 from tests.test_launcher import (
@@ -246,7 +246,7 @@ SLOW_PARTS = """\
 import os
 if os.environ.get("SLURM_JOB_ID") and os.environ.get("ATTNCOMM_TEST_PART_DELAY_S"):
     import time
-    import attncomm.results_io as _rio
+    import attncomm.io.results as _rio
     _write_part = _rio.write_part
     def write_part(*args, **kwargs):
         out = _write_part(*args, **kwargs)

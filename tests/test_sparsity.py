@@ -10,8 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from attncomm.config import AppConfig, ModelConfig, TaskConfig
-from attncomm.core.sparsity import (
+from attncomm.core.term_statistics import (
     d_head_lower_bound,
     head_density,
     head_density_table,
@@ -21,10 +20,11 @@ from attncomm.core.sparsity import (
     with_fraction,
 )
 from attncomm.errors import MissingArtifactError
-from attncomm.plots import head_density_heatmap, sparsity_by_model_task, sparsity_histogram
-from attncomm.registry import RunContext, get_stage
-from attncomm.results_io import FiringKey, FiringRecord, PromptRecord, write_results
+from attncomm.io.results import FiringKey, FiringRecord, PromptRecord, write_results
+from attncomm.runtime.config import AppConfig, ModelConfig, TaskConfig
+from attncomm.runtime.registry import RunContext, get_stage
 from attncomm.stages.sparsity import dims_from_config, run_sparsity
+from attncomm.viz.plots import head_density_heatmap, sparsity_by_model_task, sparsity_histogram
 from tests.fakes import RecordingTracker
 
 H = 4  # heads of the hand-made model

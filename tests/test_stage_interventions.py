@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from attncomm.config import AppConfig, TaskConfig
-from attncomm.core.graphs import is_root, read_graph
+from attncomm.core.node_ids import is_root, read_graph
 from attncomm.errors import MissingArtifactError
-from attncomm.registry import RunContext, get_stage
+from attncomm.runtime.config import AppConfig, TaskConfig
+from attncomm.runtime.registry import RunContext, get_stage
 from tests.models_fixtures import test_cache_dir, tiny_model_config
 
 #: tiny-gpt2 traces 3 of the first 6 greater-than prompts (no positive total or no head seed in the others)
@@ -49,9 +49,9 @@ def test_missing_inputs_name_their_producers(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("attncomm.tracer") is None
+    importlib.util.find_spec("attncomm.methods.acc_tracing") is None
     or importlib.util.find_spec("attncomm.stages.trace") is None,
-    reason="attncomm.tracer / attncomm.stages.trace (the trace stage) is not available yet",
+    reason="attncomm.methods.acc_tracing / attncomm.stages.trace (the trace stage) is not available yet",
 )
 def test_trace_unify_interventions(tmp_path: Path) -> None:
     from attncomm.stages.interventions import run_interventions

@@ -10,10 +10,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from attncomm.config import AppConfig, register_configs
-from attncomm.core.graphs import format_node_id, is_root, read_graph
-from attncomm.registry import run_job
-from attncomm.tracking import OfflineRun, find_offline_runs, read_offline_run
+from attncomm.core.node_ids import format_node_id, is_root, read_graph
+from attncomm.runtime.config import AppConfig, register_configs
+from attncomm.runtime.registry import run_job
+from attncomm.runtime.tracking import OfflineRun, find_offline_runs, read_offline_run
 from tests.conftest import REPO_ROOT
 
 

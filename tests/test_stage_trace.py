@@ -14,11 +14,11 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from attncomm.config import AppConfig, TaskConfig, TraceConfig
-from attncomm.core.graphs import read_graph
-from attncomm.omega_store import read_svd, stored_keys
-from attncomm.registry import RunContext
-from attncomm.results_io import TracingResults
+from attncomm.core.node_ids import read_graph
+from attncomm.io.omega_store import read_svd, stored_keys
+from attncomm.io.results import TracingResults
+from attncomm.runtime.config import AppConfig, TaskConfig, TraceConfig
+from attncomm.runtime.registry import RunContext
 from attncomm.stages.omega import run_omega
 from attncomm.stages.trace import run_trace, run_trace_merge
 from tests import models_fixtures as fixtures
@@ -146,7 +146,7 @@ def test_omega_stage_caches_and_reuses(tmp_path: Path) -> None:
     assert {d for _, _, d in keys} == set(range(longest))
     assert {s for s, _, _ in keys} == {"d", "s"}
     # the cached SVD reproduces the dense Omega of that head and offset
-    from attncomm.tracer import build_omega_cache
+    from attncomm.methods.acc_tracing import build_omega_cache
 
     cache = build_omega_cache(ctx.model, ctx.dtype)
     U, S, V = read_svd(omega_dir, 1, 2, "s", 5)

@@ -9,10 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from attncomm.config import AppConfig, ModelConfig, TaskConfig
-from attncomm.core.graphs import GraphFormatError, edge_table, read_graph
+from attncomm.core.node_ids import GraphFormatError, edge_table, read_graph
 from attncomm.errors import MissingArtifactError
-from attncomm.registry import RunContext, get_stage
+from attncomm.runtime.config import AppConfig, ModelConfig, TaskConfig
+from attncomm.runtime.registry import RunContext, get_stage
 from attncomm.stages.compare import run_compare
 from attncomm.stages.prune import resolve_n_min, run_prune
 from attncomm.stages.unify import run_unify

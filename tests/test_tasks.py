@@ -15,6 +15,7 @@ import torch
 import yaml
 from transformers import GPT2TokenizerFast
 
+from attncomm.models.gpt2_tokenizer import gpt2_tokenizer
 from attncomm.tasks import (
     TASK_NAMES,
     TaskPrompts,
@@ -25,7 +26,6 @@ from attncomm.tasks import (
 from attncomm.tasks import gp as gp_mod
 from attncomm.tasks import gt as gt_mod
 from attncomm.tasks import ioi as ioi_mod
-from attncomm.tokenizer import gpt2_tokenizer
 
 SEEDS = [0, 1, 7]
 

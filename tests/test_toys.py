@@ -14,11 +14,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from attncomm.config import AppConfig, register_configs
-from attncomm.models import ModelAdapter, load_model
-from attncomm.registry import RunContext, get_stage
+from attncomm.models.adapter import ModelAdapter, load_model
+from attncomm.runtime.config import AppConfig, register_configs
+from attncomm.runtime.registry import RunContext, get_stage
 from attncomm.tasks import get_task
-from attncomm.toy_reference import (
+from attncomm.toys.reference import (
     REFERENCE_FILE,
     TOY_NAMES,
     TOY_TASKS,
@@ -28,7 +28,12 @@ from attncomm.toy_reference import (
     task_accuracy,
     toy_dir,
 )
-from attncomm.train import TOY_SPECS, build_induction_tokenizer, build_ioi_tokenizer, induction_head_scores
+from attncomm.toys.training import (
+    TOY_SPECS,
+    build_induction_tokenizer,
+    build_ioi_tokenizer,
+    induction_head_scores,
+)
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 #: held-out prompts: a seed used neither by training (batches), nor evaluation (10000), nor the reference (7)
@@ -189,13 +194,13 @@ def test_train_stage_writes_a_loadable_model_dir(tmp_path: Path) -> None:
     assert "train" in json.loads((tmp_path / "manifest.json").read_text())["stages"]
 
 
-_TRACER = importlib.util.find_spec("attncomm.tracer")
+_TRACER = importlib.util.find_spec("attncomm.methods.acc_tracing")
 
 
-@pytest.mark.skipif(_TRACER is None, reason="attncomm.tracer (trace_prompts) is not there yet")
+@pytest.mark.skipif(_TRACER is None, reason="attncomm.methods.acc_tracing (trace_prompts) is not there yet")
 def test_acc_finds_previous_token_to_induction_edge() -> None:
     """ACC finds previous-token head -> induction head on the key (source) side in >= 90% of prompts."""
-    from attncomm.tracer import trace_prompts
+    from attncomm.methods.acc_tracing import trace_prompts
 
     name = "toy-induction"
     require_shipped(name)

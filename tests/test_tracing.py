@@ -8,9 +8,9 @@ import networkx as nx
 import pytest
 import torch
 
-from attncomm.core.tracing import trace_prompt
+from attncomm.core.prompt_graph import trace_prompt
+from attncomm.methods.acc_tracing import _prompt_tensors, build_omega_cache, needed_hooks, trace_prompts
 from attncomm.tasks import get_task
-from attncomm.tracer import _prompt_tensors, build_omega_cache, needed_hooks, trace_prompts
 from tests.models_fixtures import load_tiny
 
 SKIPS = {None, "incorrect", "nonpositive_total", "no_head_seed"}

@@ -8,8 +8,8 @@ from pathlib import Path
 import networkx as nx
 import pytest
 
-from attncomm.core.graphs import edge_table, read_graph, traced_graph_prompt
-from attncomm.core.unify import PUBLISHED_THRESHOLDS, filter_value, min_appearances, unify
+from attncomm.core.node_ids import edge_table, read_graph, traced_graph_prompt
+from attncomm.core.unification import PUBLISHED_THRESHOLDS, filter_value, min_appearances, unify
 
 
 @pytest.fixture(scope="module")

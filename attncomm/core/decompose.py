@@ -1,6 +1,6 @@
 """Per-firing singular-term contributions and term selection (section 2 of ACC-METHOD.md), batched.
 
-For a firing ``(l, h, d, s)`` and the thin SVDs of :mod:`attncomm.core.omega` at offset ``d - s``:
+For a firing ``(l, h, d, s)`` and the thin SVDs of :mod:`attncomm.core.omega_factors` at offset ``d - s``:
 
 * dest side, term ``k``: ``p_d[k](j) = (x_d . u_k) u_k^T Omega_d(d-j) x~_j``;
 * source side, term ``k``: ``p_s[k](j) = x~_d^T Omega_s(d-j) v_k (v_k . x_j)``;
@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from attncomm.core.omega import OmegaCache, OmegaSVD, QRFactors, apply_rotary
+from attncomm.core.omega_factors import OmegaCache, OmegaSVD, QRFactors, apply_rotary
 from attncomm.core.selection import select_terms_batch
 
 __all__ = [

@@ -6,11 +6,11 @@ included) and head, every firing ``(l, h, d, s)`` with ``A >= control_signals.mi
 (``hook_pattern``) and ``d >= control_signals.min_dest``, not only the traced ones. Each is
 decomposed exactly as the tracer does; firings whose source side is traceable (source-side
 ``sum(c) > 0``) give a source signal ``P_V x_s`` (normalized). Then
-(:mod:`attncomm.core.control_signals`): average-linkage clustering on cosine distance cut at
+(:mod:`attncomm.core.signal_clusters`): average-linkage clustering on cosine distance cut at
 ``control_signals.cut`` (None: 0.97 for non-rotary models such as GPT-2, 0.99 for rotary ones such as
 Pythia and Gemma), the dominant (largest) cluster and its prototype, the share of its members that are
 sink firings (source 0; for rotary models also a punctuation source, see
-:data:`~attncomm.core.control_signals.PUNCTUATION`), inner products of the prototype with every
+:data:`~attncomm.core.signal_clusters.PUNCTUATION`), inner products of the prototype with every
 signal, and the per-head controlled flag (mean pairwise cosine distance of the head's sink signals
 ``< control_signals.controlled_max_distance``).
 
@@ -42,9 +42,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from attncomm.artifacts import write_table
-from attncomm.config import AppConfig
-from attncomm.core.control_signals import (
+from attncomm.core.omega_factors import OmegaCache
+from attncomm.core.signal_clusters import (
     cluster_signals,
     default_cut,
     dominant_cluster,
@@ -55,10 +54,11 @@ from attncomm.core.control_signals import (
     prototype,
     sink_mask,
 )
-from attncomm.core.omega import OmegaCache
 from attncomm.errors import ConfigError
-from attncomm.plots import cluster_size_bars, control_signal_histograms, save_figure
-from attncomm.registry import RunContext, register_stage
+from attncomm.io.artifacts import write_table
+from attncomm.runtime.config import AppConfig
+from attncomm.runtime.registry import RunContext, register_stage
+from attncomm.viz.plots import cluster_size_bars, control_signal_histograms, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ def resolve_prompts(ids: Sequence[int], n_prompts: int) -> list[int]:
 @register_stage("control_signals", consumes=(), produces=("control_signals",), needs_model=True)
 def run_control_signals(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     """Control signals: cluster the source signals of strong firings, prototype, sink share, heads."""
-    from attncomm.tracer import build_omega_cache
+    from attncomm.methods.acc_tracing import build_omega_cache
 
     cs = cfg.control_signals
     ids = resolve_prompts(cs.prompts, ctx.n_prompts)

@@ -14,8 +14,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from attncomm.config import AppConfig
-from attncomm.registry import RunContext, register_stage
+from attncomm.runtime.config import AppConfig
+from attncomm.runtime.registry import RunContext, register_stage
 
 log = logging.getLogger(__name__)
 

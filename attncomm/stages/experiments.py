@@ -6,7 +6,7 @@ the packaged ``edges_for_intervention_experiments`` of the model's short name an
 prompt the edge appeared in, four operations: remove or boost the edge's signal, built on the
 firing's selected singular terms or on an equally sized random set of the complement. One random
 generator seeded with ``experiments.seed`` (published: 0) serves the whole run; the draw order is in
-:mod:`attncomm.core.experiments`.
+:mod:`attncomm.core.edge_experiments`.
 
 Writes ``intervention_data/{model}_{task}.parquet``: one row per edge x operation x prompt for all
 ``task.n_prompts`` prompts (``is_ablated`` False where the edge does not appear), with the published
@@ -28,21 +28,25 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from attncomm.artifacts import write_table
-from attncomm.circuits import NoReferenceCircuitError, intervention_experiment_edges, load_circuits_data
-from attncomm.config import AppConfig
-from attncomm.core.experiments import (
+from attncomm.core.edge_experiments import (
     ExperimentEdge,
     ExperimentResult,
     parse_experiment_edges,
     run_experiments,
     summarize,
 )
-from attncomm.core.graphs import format_node_id
+from attncomm.core.node_ids import format_node_id
 from attncomm.errors import ConfigError
-from attncomm.plots import experiment_attention_boxes, experiment_effect_boxes, save_figure
-from attncomm.registry import RunContext, register_stage
+from attncomm.io.artifacts import write_table
+from attncomm.io.circuits_data import (
+    NoReferenceCircuitError,
+    intervention_experiment_edges,
+    load_circuits_data,
+)
+from attncomm.runtime.config import AppConfig
+from attncomm.runtime.registry import RunContext, register_stage
 from attncomm.stages.interventions import load_intervention_inputs
+from attncomm.viz.plots import experiment_attention_boxes, experiment_effect_boxes, save_figure
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from attncomm.artifacts import format_threshold
-from attncomm.config import AppConfig
-from attncomm.core.graphs import read_graph, traced_graph_prompt
+from attncomm.core.node_ids import read_graph, traced_graph_prompt
 from attncomm.errors import MissingArtifactError
-from attncomm.export import write_cyjs, write_html
-from attncomm.registry import RunContext, register_stage
+from attncomm.io.artifacts import format_threshold
+from attncomm.runtime.config import AppConfig
+from attncomm.runtime.registry import RunContext, register_stage
+from attncomm.viz.cytoscape import write_cyjs, write_html
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ removes each non-root edge's signal from its downstream head in every prompt the
 and writes the intervention graph: the combined graph's attributes plus ``upstream_node``,
 ``downstream_node`` and ``logit_diff`` (per prompt, task metric after - before, with the task's own
 sign; the reference's greater-than values have the opposite sign). The maths is in
-:mod:`attncomm.core.interventions`.
+:mod:`attncomm.core.edge_interventions`.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import networkx as nx
 import numpy as np
 from torch import Tensor
 
-from attncomm.config import AppConfig
-from attncomm.core.graphs import is_root, read_graph, write_graph
-from attncomm.core.interventions import intervention_graph
-from attncomm.core.omega import OmegaCache
+from attncomm.core.edge_interventions import intervention_graph
+from attncomm.core.node_ids import is_root, read_graph, write_graph
+from attncomm.core.omega_factors import OmegaCache
 from attncomm.errors import AttncommError
-from attncomm.registry import RunContext, register_stage
-from attncomm.results_io import FiringKey, TracingResults
+from attncomm.io.results import FiringKey, TracingResults
+from attncomm.runtime.config import AppConfig
+from attncomm.runtime.registry import RunContext, register_stage
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class InterventionInputs:
 def load_intervention_inputs(cfg: AppConfig, ctx: RunContext, threshold: float) -> InterventionInputs:
     """Read the combined graph at ``threshold`` and the tracing results (clear errors naming the stage
     that produces a missing one), and build the model-side pieces both intervention stages need."""
-    from attncomm.tracer import build_omega_cache
+    from attncomm.methods.acc_tracing import build_omega_cache
 
     arts = ctx.artifacts
     source = arts.require(arts.combined_graph(threshold), "combined_graphs")

@@ -14,10 +14,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from attncomm.config import AppConfig
-from attncomm.omega_store import layer_file, update_layer
-from attncomm.registry import RunContext, register_stage
-from attncomm.tracer import build_omega_cache
+from attncomm.io.omega_store import layer_file, update_layer
+from attncomm.methods.acc_tracing import build_omega_cache
+from attncomm.runtime.config import AppConfig
+from attncomm.runtime.registry import RunContext, register_stage
 
 log = logging.getLogger(__name__)
 

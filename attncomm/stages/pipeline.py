@@ -18,10 +18,10 @@ from typing import Any
 
 import pandas as pd
 
-from attncomm.config import AppConfig
 from attncomm.errors import ConfigError
-from attncomm.registry import RunContext, get_stage, register_stage
-from attncomm.tracking import PrefixedTracker
+from attncomm.runtime.config import AppConfig
+from attncomm.runtime.registry import RunContext, get_stage, register_stage
+from attncomm.runtime.tracking import PrefixedTracker
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def run_pipeline(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
 
 
 def _traced_counts(ctx: RunContext) -> dict[str, int] | None:
-    from attncomm.results_io import TracingResults
+    from attncomm.io.results import TracingResults
 
     path = ctx.artifacts.tracing_results()
     if not path.is_file():
@@ -110,8 +110,8 @@ def closing_summary(cfg: AppConfig, ctx: RunContext, summary: dict[str, Any]) ->
     th = cfg.compare.threshold
     pruned = ctx.artifacts.pruned_graph(th)
     if pruned.is_file():
-        from attncomm.core.compare import circuit_components
-        from attncomm.core.graphs import read_graph
+        from attncomm.core.circuit_overlap import circuit_components
+        from attncomm.core.node_ids import read_graph
 
         G = read_graph(pruned)
         comps = sorted(circuit_components(G), key=str)

@@ -8,11 +8,11 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from attncomm.config import AppConfig
-from attncomm.core.graphs import GraphFormatError, read_graph, write_graph
-from attncomm.core.prune import prune, prune_thresholds
+from attncomm.core.node_ids import GraphFormatError, read_graph, write_graph
+from attncomm.core.pruning import prune, prune_thresholds
 from attncomm.errors import ConfigError
-from attncomm.registry import RunContext, register_stage
+from attncomm.runtime.config import AppConfig
+from attncomm.runtime.registry import RunContext, register_stage
 
 log = logging.getLogger(__name__)
 

@@ -34,9 +34,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from attncomm.artifacts import atomic_write_text, write_table
-from attncomm.config import AppConfig
-from attncomm.core.sparsity import (
+from attncomm.core.term_statistics import (
     SIDES,
     head_density,
     head_density_table,
@@ -45,9 +43,11 @@ from attncomm.core.sparsity import (
     term_counts_from_lengths,
     with_fraction,
 )
-from attncomm.plots import head_density_heatmap, save_figure, sparsity_by_model_task, sparsity_histogram
-from attncomm.registry import RunContext, register_stage
-from attncomm.results_io import STATUSES, FiringKey, parse_dataset_name
+from attncomm.io.artifacts import atomic_write_text, write_table
+from attncomm.io.results import STATUSES, FiringKey, parse_dataset_name
+from attncomm.runtime.config import AppConfig
+from attncomm.runtime.registry import RunContext, register_stage
+from attncomm.viz.plots import head_density_heatmap, save_figure, sparsity_by_model_task, sparsity_histogram
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from attncomm.config import AppConfig
 from attncomm.errors import ConfigError
-from attncomm.registry import RunContext, register_stage
-from attncomm.results_io import (
+from attncomm.io.results import (
     STATUSES,
     FiringRecord,
     PromptRecord,
@@ -27,6 +25,8 @@ from attncomm.results_io import (
     read_part,
     write_part,
 )
+from attncomm.runtime.config import AppConfig
+from attncomm.runtime.registry import RunContext, register_stage
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ def merge_if_complete(ctx: RunContext) -> Path | None:
 @register_stage("trace", consumes=(), produces=("traced_graphs", "tracing_results"), needs_model=True)
 def run_trace(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     """Trace prompts into per-prompt graphs (GraphML) and per-firing results (HDF5)."""
-    from attncomm.core.graphs import write_graph
-    from attncomm.tracer import trace_prompts
+    from attncomm.core.node_ids import write_graph
+    from attncomm.methods.acc_tracing import trace_prompts
 
     tc = cfg.trace
     art = ctx.artifacts

@@ -6,7 +6,7 @@ writes an ordinary local HF model directory (``model.safetensors``, ``config.jso
 ``training_config.json``, ``metrics.json``) to ``{paths.root}/{model}/train/train/{model.short_name}``
 (``{paths.run_dir}/train/{model.short_name}`` when a run directory is given). Shipping the
 toy is copying that directory into ``attncomm/toys/{name}/`` (and recomputing its reference circuit
-with :mod:`attncomm.toy_reference`).
+with :mod:`attncomm.toys.reference`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from attncomm.artifacts import RunArtifacts, update_manifest
-from attncomm.config import AppConfig
 from attncomm.errors import ConfigError
-from attncomm.registry import RunContext, register_stage
-from attncomm.train import TOY_SPECS, save_toy, train_toy
+from attncomm.io.artifacts import RunArtifacts, update_manifest
+from attncomm.runtime.config import AppConfig
+from attncomm.runtime.registry import RunContext, register_stage
+from attncomm.toys.training import TOY_SPECS, save_toy, train_toy
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,8 @@ def run_train(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     ctx.tracker.log_metrics(summary)
     log.info(
         "trained %s in %.0f s: held-out accuracy %.3f (with BOS %.3f), %d bytes -> %s; ship it with "
-        "`cp %s/* attncomm/toys/%s/` and rebuild the reference circuit (python -m attncomm.toy_reference %s)",
+        "`cp %s/* attncomm/toys/%s/` and rebuild the reference circuit "
+        "(python -m attncomm.toys.reference %s)",
         name,
         m["train_seconds"],
         m["accuracy_nobos"],

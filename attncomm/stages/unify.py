@@ -9,11 +9,11 @@ from typing import Any
 import networkx as nx
 from tqdm.auto import tqdm
 
-from attncomm.config import AppConfig
-from attncomm.core.graphs import read_graph, traced_graph_prompt, write_graph
-from attncomm.core.unify import unify
+from attncomm.core.node_ids import read_graph, traced_graph_prompt, write_graph
+from attncomm.core.unification import unify
 from attncomm.errors import MissingArtifactError
-from attncomm.registry import RunContext, register_stage
+from attncomm.runtime.config import AppConfig
+from attncomm.runtime.registry import RunContext, register_stage
 
 log = logging.getLogger(__name__)
 

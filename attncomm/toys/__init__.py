@@ -4,5 +4,5 @@ Each ``attncomm/toys/<name>/`` is an ordinary local HF-format directory (``model
 ``config.json``, tokenizer files) plus ``training_config.json``, ``metrics.json`` and
 ``reference_circuit.json``. Load one with ``model=toy-induction`` / ``model=toy-ioi`` (their model
 yaml points ``model.path`` at this package through ``${attncomm_pkg:toys/<name>}``). Rebuild with
-``python run.py stage=train model=<name>`` and ``python -m attncomm.toy_reference <name>``.
+``python run.py stage=train model=<name>`` and ``python -m attncomm.toys.reference <name>``.
 """

@@ -51,11 +51,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from attncomm.core.graphs import NodeId, format_node_id, is_root
-from attncomm.core.omega import OmegaCache, apply_rotary
+from attncomm.core.node_ids import NodeId, format_node_id, is_root
+from attncomm.core.omega_factors import OmegaCache, apply_rotary
 
 if TYPE_CHECKING:  # dataclasses only; keeps the model-loading stack out of core's imports
-    from attncomm.models import ArchFacts, HeadWeights
+    from attncomm.models.adapter import ArchFacts, HeadWeights
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ HookFn = Callable[[Tensor, Any], Tensor | None]
 
 
 class InterventionModel(Protocol):
-    """What the interventions need of a model (``attncomm.models.ModelAdapter`` provides it)."""
+    """What the interventions need of a model (``attncomm.models.adapter.ModelAdapter`` provides it)."""
 
     arch: ArchFacts
     weights: HeadWeights

@@ -43,7 +43,7 @@ from scipy.spatial.distance import pdist
 from torch import Tensor
 
 from attncomm.core.decompose import decompose_firings, layer_inputs, selection_mask
-from attncomm.core.omega import OmegaCache
+from attncomm.core.omega_factors import OmegaCache
 
 logger = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from typing import Any
 
 import networkx as nx
 
-from attncomm.artifacts import atomic_write_text
-from attncomm.core.graphs import NodeId, format_node_id, is_root, parse_node_id
+from attncomm.core.node_ids import NodeId, format_node_id, is_root, parse_node_id
+from attncomm.io.artifacts import atomic_write_text
 
 log = logging.getLogger(__name__)
 

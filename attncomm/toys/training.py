@@ -2,7 +2,7 @@
 
 Both toys are :class:`transformers.GPT2LMHeadModel` checkpoints saved as ordinary local HF directories
 (``model.safetensors`` + ``config.json`` + a ``PreTrainedTokenizerFast`` saved with ``save_pretrained``),
-so :func:`attncomm.models.load_model` boots them through the TransformerLens bridge like any GPT-2.
+so :func:`attncomm.models.adapter.load_model` boots them through the TransformerLens bridge like any GPT-2.
 
 * ``toy-induction``: 2 layers x 2 heads (d_model 64, d_head 32), attention-only, a word-level vocabulary
   of 299 tokens ``" t000"`` .. ``" t298"`` plus ``<|endoftext|>`` (BOS/EOS/PAD). Trained on repeated
@@ -336,7 +336,7 @@ def induction_head_scores(
 ) -> tuple[Tensor, Tensor]:
     """Per head ``[layer, head]`` of the HF model on held-out ``induction`` prompts: the mean attention
     from each position ``p >= 1`` to ``p - 1`` (previous-token score) and from each ``B{i}`` to
-    ``A{i+1}`` (induction score), as :func:`attncomm.toy_reference.induction_scores` computes them."""
+    ``A{i+1}`` (induction score), as :func:`attncomm.toys.reference.induction_scores` computes them."""
     task, prompts = heldout_prompts(spec, tokenizer, n, seed, prepend_bos)
     L = sum(1 for r in prompts.roles[0] if r.startswith("A"))
     was_training, implementation = model.training, model.config._attn_implementation

@@ -1,10 +1,10 @@
 """In-memory ACC tracing driver: run a model on task prompts and trace each prompt (no file I/O).
 
-:func:`trace_prompts` runs the :class:`~attncomm.models.ModelAdapter` on the prompts in batches,
+:func:`trace_prompts` runs the :class:`~attncomm.models.adapter.ModelAdapter` on the prompts in batches,
 caching only the hooks the maths reads (``ln1`` normalized input and scale, attention pattern, values,
 MLP outputs, the embedding, ``ln_final`` scale and, for Gemma-2, ``ln1_post`` scale), then calls
-:func:`attncomm.core.tracing.trace_prompt` per prompt and yields a :class:`PromptTrace` per prompt.
-Omega SVDs come from an :class:`~attncomm.core.omega.OmegaCache` (built from the model's processed
+:func:`attncomm.core.prompt_graph.trace_prompt` per prompt and yields a :class:`PromptTrace` per prompt.
+Omega SVDs come from an :class:`~attncomm.core.omega_factors.OmegaCache` (built from the model's processed
 weights if none is given, and reusable across calls).
 """
 
@@ -20,9 +20,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from attncomm.core.contributions import PromptWrites, head_value_writes
-from attncomm.core.omega import OmegaCache
-from attncomm.core.tracing import FiringResult, PromptTensors, trace_prompt
-from attncomm.models import ModelAdapter
+from attncomm.core.omega_factors import OmegaCache
+from attncomm.core.prompt_graph import FiringResult, PromptTensors, trace_prompt
+from attncomm.models.adapter import ModelAdapter
 from attncomm.tasks.base import Task, TaskPrompts
 
 logger = logging.getLogger(__name__)

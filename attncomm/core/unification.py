@@ -18,7 +18,7 @@ import networkx as nx
 import numpy as np
 from tqdm.auto import tqdm
 
-from attncomm.core.graphs import NodeId
+from attncomm.core.node_ids import NodeId
 
 log = logging.getLogger(__name__)
 

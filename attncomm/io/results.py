@@ -25,7 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from attncomm.artifacts import atomic_path
+from attncomm.io.artifacts import atomic_path
 
 FiringKey = tuple[int, int, int, int, int]  # (prompt, layer, head, dest, src)
 

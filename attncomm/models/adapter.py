@@ -4,8 +4,8 @@ that touches TransformerLens).
 A model is booted with ``TransformerBridge.boot_transformers(local_dir, tokenizer=...)`` and then
 ``enable_compatibility_mode()``, which applies HookedTransformer's processing (``fold_ln``,
 ``center_writing_weights``, ``center_unembed``, ``fold_value_biases``). Everything is booted from a
-local HF-format directory: ``model.path``, a directory built by :mod:`attncomm.testmodels`, or the HF
-cache snapshot of ``model.hf_name``.
+local HF-format directory: ``model.path``, a directory built by
+:mod:`attncomm.models.random_models`, or the HF cache snapshot of ``model.hf_name``.
 
 Facts verified on random GPT-2 / GPT-NeoX (Pythia) / Gemma-2 checkpoints with transformer_lens 4.3.0
 and transformers 5.23.0 (the tests in ``tests/test_models.py`` and ``tests/test_residual.py`` check them):
@@ -64,10 +64,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from attncomm.config import ModelConfig
 from attncomm.errors import AttncommError
-from attncomm.testmodels import BUILDERS, build_model_dir
-from attncomm.tokenizer import save_gpt2_tokenizer
+from attncomm.models.gpt2_tokenizer import save_gpt2_tokenizer
+from attncomm.models.random_models import BUILDERS, build_model_dir
+from attncomm.runtime.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 

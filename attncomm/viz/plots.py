@@ -132,7 +132,7 @@ _SIDE_TITLES = {"dest": "dest side (query)", "src": "source side (key)"}
 def sparsity_histogram(df: pd.DataFrame, d_head: int | None = None, title: str | None = None) -> Figure:
     """Distribution of the number of selected singular terms per traced side (one panel per side).
 
-    ``df`` is :func:`attncomm.core.sparsity.term_counts`' table (``side``, ``n_terms``); with
+    ``df`` is :func:`attncomm.core.term_statistics.term_counts`' table (``side``, ``n_terms``); with
     ``d_head`` the x range is ``1..d_head``, a top axis reads the fraction of ``d_head``, and the
     legend gives the mean.
     """

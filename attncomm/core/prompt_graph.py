@@ -1,7 +1,7 @@
 """Recursive tracing of one prompt into an ACC graph plus per-firing results (sections 4 and 5).
 
 :func:`trace_prompt` takes the per-prompt tensors (:class:`PromptTensors`) and an
-:class:`~attncomm.core.omega.OmegaCache` and returns a :class:`TraceResult`:
+:class:`~attncomm.core.omega_factors.OmegaCache` and returns a :class:`TraceResult`:
 
 1. **Seeds** (4.1): every component's write at ``end`` (heads by source token), divided by
    ``ln_final.hook_scale[end]``, dotted with the task direction; total ``<= 0`` -> skip
@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from attncomm.core.contributions import Projection, PromptWrites, projection_vectors, upstream_contributions
 from attncomm.core.decompose import decompose_firings, layer_inputs, selection_mask
-from attncomm.core.omega import OmegaCache
+from attncomm.core.omega_factors import OmegaCache
 from attncomm.core.selection import select_seeds, select_upstream
 
 logger = logging.getLogger(__name__)

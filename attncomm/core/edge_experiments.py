@@ -1,7 +1,7 @@
 """Intervention experiments on chosen edges: remove or boost a signal, selected or random terms (section 9).
 
 For an edge ``u -> v`` of the combined graph (type ``d`` or ``s``) and each prompt it appeared in, the
-signal is built exactly as in section 7 (:mod:`attncomm.core.interventions`): ``u``'s write ``y`` at
+signal is built exactly as in section 7 (:mod:`attncomm.core.edge_interventions`): ``u``'s write ``y`` at
 its positions, projected on a set ``T`` of singular vectors of the downstream head's Omega (``U`` for
 type ``d``, ``V`` for type ``s``), centred over ``d_model`` (LayerNorm models) and divided by the
 downstream layer's ``ln1.hook_scale`` at the intervened position: ``r = (P_T y - mean) / scale``.
@@ -14,7 +14,7 @@ random in ``{False, True}``):
 - ``Boosting (SVs)`` / ``Boosting (Random)``: ``x <- x + r``.
 
 Only the downstream head's query (type ``d``) or key (type ``s``) sees the changed input; the model
-runs on from there (:func:`~attncomm.core.interventions.removal_hooks`).
+runs on from there (:func:`~attncomm.core.edge_interventions.removal_hooks`).
 
 **Random draws (exact order).** One ``numpy.random.RandomState(seed)`` serves a whole call of
 :func:`run_experiments`. For each edge (in the given order; an edge id matching several keys of the
@@ -74,8 +74,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from attncomm.core.graphs import NodeId, format_node_id, is_root, parse_node_id
-from attncomm.core.interventions import (
+from attncomm.core.edge_interventions import (
     EdgeSite,
     InterventionModel,
     Removal,
@@ -87,7 +86,8 @@ from attncomm.core.interventions import (
     removal_vector,
     upstream_write,
 )
-from attncomm.core.omega import OmegaCache
+from attncomm.core.node_ids import NodeId, format_node_id, is_root, parse_node_id
+from attncomm.core.omega_factors import OmegaCache
 from attncomm.errors import AttncommError
 
 log = logging.getLogger(__name__)

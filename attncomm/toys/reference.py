@@ -13,7 +13,7 @@
   of all reference prompts.
 
 The reference prompts use seeds that differ from every training and held-out evaluation seed.
-``python -m attncomm.toy_reference toy-ioi [--path DIR] [--out FILE]`` recomputes a toy's reference
+``python -m attncomm.toys.reference toy-ioi [--path DIR] [--out FILE]`` recomputes a toy's reference
 circuit (by default from, and into, the shipped directory ``attncomm/toys/<name>/``).
 """
 
@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from attncomm.config import ModelConfig, package_path
-from attncomm.models import ModelAdapter, load_model
+from attncomm.models.adapter import ModelAdapter, load_model
+from attncomm.runtime.config import ModelConfig, package_path
 from attncomm.tasks import get_task
 from attncomm.tasks.base import Task, TaskPrompts
 
@@ -292,7 +292,7 @@ def write_reference(name: str, model_dir: str | Path | None = None, out: str | P
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m attncomm.toy_reference NAME [--path DIR] [--out FILE]``."""
+    """``python -m attncomm.toys.reference NAME [--path DIR] [--out FILE]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=TOY_NAMES)
     parser.add_argument("--path", default=None, help="model directory (default: the shipped toy)")

@@ -18,7 +18,7 @@ import torch
 import transformers
 from torch import nn
 
-from attncomm.tokenizer import save_gpt2_tokenizer
+from attncomm.models.gpt2_tokenizer import save_gpt2_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from attncomm.artifacts import RunArtifacts, method_overrides, run_dir_for, update_manifest
-from attncomm.config import AppConfig
 from attncomm.errors import AttncommError, ConfigError
-from attncomm.tracking import Tracker
+from attncomm.io.artifacts import RunArtifacts, method_overrides, run_dir_for, update_manifest
+from attncomm.runtime.config import AppConfig
+from attncomm.runtime.tracking import Tracker
 
 if TYPE_CHECKING:
-    from attncomm.models import ModelAdapter
+    from attncomm.models.adapter import ModelAdapter
     from attncomm.tasks.base import Task, TaskPrompts
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ class RunContext:
     # --- lazily loaded model, task and prompts ----------------------------------------------
     @cached_property
     def model(self) -> ModelAdapter:
-        from attncomm.models import load_model
+        from attncomm.models.adapter import load_model
 
         return load_model(self.cfg.model, device=str(self.device), dtype=self.dtype, cache_dir=self.cache_dir)
 

@@ -18,8 +18,8 @@ import h5py
 import numpy as np
 import torch
 
-from attncomm.artifacts import atomic_path
-from attncomm.core.omega import OmegaCache
+from attncomm.core.omega_factors import OmegaCache
+from attncomm.io.artifacts import atomic_path
 
 _KEY = re.compile(r"^S_([ds])_(\d+)_(\d+)_(\d+)$")
 
@@ -90,4 +90,3 @@ def read_svd(directory: Path, layer: int, head: int, side: str, delta: int) -> t
             raise KeyError(f"{path} has no Omega SVD for side={side} head={head} delta={delta}")
         U, S, VT = (np.asarray(f[f"{n}_{key}"]) for n in ("U", "S", "VT"))
     return torch.from_numpy(U), torch.from_numpy(S), torch.from_numpy(VT).transpose(0, 1).contiguous()
-

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attncomm.config import LoggerConfig
 from attncomm.errors import ConfigError
+from attncomm.runtime.config import LoggerConfig
 
 log = logging.getLogger(__name__)
 

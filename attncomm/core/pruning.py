@@ -15,7 +15,7 @@ import logging
 import networkx as nx
 import numpy as np
 
-from attncomm.core.graphs import GraphFormatError, format_node_id, root_of
+from attncomm.core.node_ids import GraphFormatError, format_node_id, root_of
 
 log = logging.getLogger(__name__)
 

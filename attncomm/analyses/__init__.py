@@ -1,0 +1,1 @@
+"""Toolkit analyses: direct logit attribution, logit lens, patching, head detection, QK/OV circuits."""

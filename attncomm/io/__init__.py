@@ -1,0 +1,1 @@
+"""Artifact I/O: run directories and manifests, tracing results, the Omega store, graph files, circuits data."""
