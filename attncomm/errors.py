@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from attncomm.core.user_error import AttncommError
 
-class AttncommError(Exception):
-    """An error caused by input or environment that the user can fix; the message says what and how."""
+__all__ = ["AttncommError", "ConfigError", "MissingArtifactError"]
 
 
 class ConfigError(AttncommError, ValueError):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from attncomm.core.circuit_overlap import circuit_components, compare_with_literature, precision_recall_f1
-from attncomm.core.node_ids import parse_node_id, read_graph
+from attncomm.core.node_ids import parse_node_id
 from attncomm.core.pruning import prune
 from attncomm.io.circuits_data import (
     NoReferenceCircuitError,
@@ -22,6 +22,7 @@ from attncomm.io.circuits_data import (
     literature_circuit,
     load_circuits_data,
 )
+from attncomm.io.graphml import read_graph
 from attncomm.viz.plots import comparison_across_thresholds, comparison_bar_plot, save_figure
 
 INTERVENTIONS = "interventions_graph_gpt2-small_gp_n100_0_combined_0.01.graphml"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from attncomm.core.circuit_overlap import circuit_components
-from attncomm.core.node_ids import read_graph
+from attncomm.io.graphml import read_graph
 from attncomm.runtime.tracking import find_offline_runs, read_offline_run
 from tests.conftest import REPO_ROOT
 

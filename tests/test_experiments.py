@@ -35,9 +35,10 @@ from attncomm.core.edge_experiments import (
     summarize,
 )
 from attncomm.core.edge_interventions import intervention_graph, removal_hooks
-from attncomm.core.node_ids import format_node_id, is_root, read_graph
+from attncomm.core.node_ids import format_node_id, is_root
 from attncomm.errors import AttncommError
 from attncomm.io.circuits_data import intervention_experiment_edges, load_circuits_data
+from attncomm.io.graphml import read_graph
 from attncomm.methods.acc_tracing import build_omega_cache
 from attncomm.runtime.config import AppConfig, TaskConfig
 from attncomm.runtime.registry import RunContext, get_stage

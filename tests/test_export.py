@@ -12,8 +12,9 @@ from pathlib import Path
 import networkx as nx
 import pytest
 
-from attncomm.core.node_ids import edge_table, format_node_id, read_graph
+from attncomm.core.node_ids import edge_table, format_node_id
 from attncomm.errors import MissingArtifactError
+from attncomm.io.graphml import read_graph
 from attncomm.runtime.config import AppConfig, ModelConfig, TaskConfig
 from attncomm.runtime.registry import RunContext, get_stage
 from attncomm.stages.export import run_export

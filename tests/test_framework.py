@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from attncomm.errors import ConfigError, MissingArtifactError
 from attncomm.io.artifacts import RunArtifacts, atomic_path, format_threshold, run_dir_for
 from attncomm.runtime.config import AppConfig, LoggerConfig, register_configs
-from attncomm.runtime.registry import RunContext, get_stage, load_stages
+from attncomm.runtime.registry import RunContext, get_stage, load_stages, producers
 from attncomm.runtime.tracking import Tracker, find_offline_runs, read_offline_run
 from tests.conftest import REPO_ROOT
 
@@ -127,7 +127,7 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path: Path) -> None:
 
 
 def test_missing_artifact_names_producer_and_command(tmp_path: Path) -> None:
-    art = RunArtifacts(tmp_path, "gpt2-small", "gp", 100, 0)
+    art = RunArtifacts(tmp_path, "gpt2-small", "gp", 100, 0, producers=producers())
     with pytest.raises(MissingArtifactError) as err:
         art.require(art.traced_graphs_dir, "traced_graphs")
     msg = str(err.value)

@@ -8,17 +8,8 @@ from pathlib import Path
 import networkx as nx
 import pytest
 
-from attncomm.core.node_ids import (
-    GRAPHML_NS,
-    GraphFormatError,
-    NodeIdError,
-    format_node_id,
-    parse_node_id,
-    read_graph,
-    root_of,
-    traced_graph_prompt,
-    write_graph,
-)
+from attncomm.core.node_ids import GraphFormatError, NodeIdError, format_node_id, parse_node_id, root_of
+from attncomm.io.graphml import GRAPHML_NS, read_graph, traced_graph_prompt, write_graph
 
 NS = {"g": GRAPHML_NS}
 

@@ -27,8 +27,8 @@ from attncomm.core.edge_interventions import (
     site_removal,
     upstream_write,
 )
-from attncomm.core.node_ids import read_graph, write_graph
 from attncomm.core.residual import component_writes
+from attncomm.io.graphml import read_graph, write_graph
 from attncomm.methods.acc_tracing import build_omega_cache
 from attncomm.models.adapter import ModelAdapter
 from tests.acc_reference import augment, dest_firing, random_tokens, relative_logit

@@ -57,3 +57,33 @@ def test_pipeline_rejects_bad_stage_lists(tmp_path: Path) -> None:
         with pytest.raises(Exception, match=match) as err:
             run_pipeline(cfg, RunContext.for_tests(cfg, tmp_path))
         assert isinstance(err.value, ConfigError) or "unknown stage" in str(err.value)
+
+
+def test_pipeline_orders_stages_by_declared_inputs() -> None:
+    from attncomm.runtime.registry import pipeline_order
+
+    listed = ["export", "compare", "prune", "unify", "trace", "interventions"]
+    order = [s.name for s in pipeline_order(listed)]
+    assert order == ["trace", "unify", "interventions", "prune", "export", "compare"]  # ties: as listed
+    # a stage that rebuilds its input runs after its producer and before the consumers
+    order = [s.name for s in pipeline_order(["interventions", "trace_merge", "trace"])]
+    assert order == ["trace", "trace_merge", "interventions"]
+    # unrelated stages keep the order given
+    assert [s.name for s in pipeline_order(["sparsity", "describe"])] == ["sparsity", "describe"]
+
+
+def test_pipeline_refuses_inputs_nobody_makes(tmp_path: Path) -> None:
+    cfg = gp_config(["compare", "prune"])  # prune needs the intervention graph: not here, not listed
+    expected = r"prune needs interventions_graph, made by the 'interventions' stage"
+    with pytest.raises(ConfigError, match=expected):
+        run_pipeline(cfg, RunContext.for_tests(cfg, tmp_path))
+    assert not (tmp_path / "manifest.json").exists()  # refused before running anything
+
+
+def test_producers_are_derived_from_the_declarations() -> None:
+    from attncomm.runtime.registry import producers
+
+    prod = producers()
+    assert prod["traced_graphs"] == "trace" and prod["tracing_results"] == "trace"  # not trace_merge
+    assert prod["combined_graphs"] == "unify" and prod["pruned_graphs"] == "prune"
+    assert prod["interventions_graph"] == "interventions"

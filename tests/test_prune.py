@@ -8,8 +8,9 @@ from pathlib import Path
 import networkx as nx
 import pytest
 
-from attncomm.core.node_ids import edge_table, read_graph, root_of
+from attncomm.core.node_ids import edge_table, root_of
 from attncomm.core.pruning import ROOT_ABS_AVG_LOGIT_DIFF, prune, prune_thresholds
+from attncomm.io.graphml import read_graph
 
 PRUNED = "combined_graphs_intervention/gpt2-small_gp_n100_combined_{}.graphml"
 

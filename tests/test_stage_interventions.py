@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from attncomm.core.node_ids import is_root, read_graph
+from attncomm.core.node_ids import is_root
 from attncomm.errors import MissingArtifactError
+from attncomm.io.graphml import read_graph
 from attncomm.runtime.config import AppConfig, TaskConfig
 from attncomm.runtime.registry import RunContext, get_stage
 from tests.models_fixtures import test_cache_dir, tiny_model_config

@@ -10,7 +10,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from attncomm.core.node_ids import format_node_id, is_root, read_graph
+from attncomm.core.node_ids import format_node_id, is_root
+from attncomm.io.graphml import read_graph
 from attncomm.runtime.config import AppConfig, register_configs
 from attncomm.runtime.registry import run_job
 from attncomm.runtime.tracking import OfflineRun, find_offline_runs, read_offline_run

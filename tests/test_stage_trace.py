@@ -14,7 +14,7 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from attncomm.core.node_ids import read_graph
+from attncomm.io.graphml import read_graph
 from attncomm.io.omega_store import read_svd, stored_keys
 from attncomm.io.results import TracingResults
 from attncomm.runtime.config import AppConfig, TaskConfig, TraceConfig

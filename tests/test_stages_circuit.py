@@ -9,8 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from attncomm.core.node_ids import GraphFormatError, edge_table, read_graph
+from attncomm.core.node_ids import GraphFormatError, edge_table
 from attncomm.errors import MissingArtifactError
+from attncomm.io.graphml import read_graph
 from attncomm.runtime.config import AppConfig, ModelConfig, TaskConfig
 from attncomm.runtime.registry import RunContext, get_stage
 from attncomm.stages.compare import run_compare

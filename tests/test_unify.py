@@ -8,8 +8,9 @@ from pathlib import Path
 import networkx as nx
 import pytest
 
-from attncomm.core.node_ids import edge_table, read_graph, traced_graph_prompt
+from attncomm.core.node_ids import edge_table
 from attncomm.core.unification import PUBLISHED_THRESHOLDS, filter_value, min_appearances, unify
+from attncomm.io.graphml import read_graph, traced_graph_prompt
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,14 @@ from typing import Any
 import networkx as nx
 import pandas as pd
 
-from attncomm.core.node_ids import is_root
-from attncomm.io.circuits_data import (
+from attncomm.core.literature import (
     Component,
     available_methods,
     canonical_method,
     excluded_components,
     literature_circuit,
 )
+from attncomm.core.node_ids import is_root
 
 METRICS: tuple[str, ...] = ("Precision", "Recall", "F1-Score")
 COLUMNS: tuple[str, ...] = ("Method B", "Metric", "Value", "Model", "Task")

@@ -88,7 +88,7 @@ from attncomm.core.edge_interventions import (
 )
 from attncomm.core.node_ids import NodeId, format_node_id, is_root, parse_node_id
 from attncomm.core.omega_factors import OmegaCache
-from attncomm.errors import AttncommError
+from attncomm.core.user_error import AttncommError
 
 log = logging.getLogger(__name__)
 

@@ -55,7 +55,7 @@ from attncomm.core.node_ids import NodeId, format_node_id, is_root
 from attncomm.core.omega_factors import OmegaCache, apply_rotary
 
 if TYPE_CHECKING:  # dataclasses only; keeps the model-loading stack out of core's imports
-    from attncomm.models.adapter import ArchFacts, HeadWeights
+    from attncomm.core.types import ArchFacts, HeadWeights
 
 log = logging.getLogger(__name__)
 

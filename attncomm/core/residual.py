@@ -17,7 +17,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 if TYPE_CHECKING:  # dataclasses only; keeps the model-loading stack out of core's imports
-    from attncomm.models.adapter import ArchFacts, HeadWeights
+    from attncomm.core.types import ArchFacts, HeadWeights
 
 
 class ResidualHookNames(Protocol):

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from attncomm.io.results import FiringKey, FiringRecord
+from attncomm.core.types import FiringKey, FiringRecord
 
 SIDES: tuple[str, ...] = ("dest", "src")
 COLUMNS: tuple[str, ...] = ("prompt", "layer", "head", "dest", "src", "side", "n_terms")

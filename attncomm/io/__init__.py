@@ -1,1 +1,1 @@
-"""Artifact I/O: run directories and manifests, tracing results, the Omega store, graph files, circuits data."""
+"""Artifact I/O: run directories, manifests, tracing results, the Omega store, graph files, circuits data."""

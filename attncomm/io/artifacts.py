@@ -17,8 +17,8 @@ import os
 import platform
 import subprocess
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +32,6 @@ METHOD_DEFAULTS: dict[str, Any] = {
     "trace.upstream_fraction": 0.7,
     "device.dtype": "float32",
     "task.prompt_type": "mixed",
-}
-
-#: which stage produces each artifact kind, and so which command fixes a missing one
-PRODUCERS: dict[str, str] = {
-    "omega": "omega",
-    "traced_graphs": "trace",
-    "tracing_results": "trace",
-    "combined_graphs": "unify",
-    "interventions_graph": "interventions",
-    "pruned_graphs": "prune",
-    "circuit_comparison": "compare",
-    "intervention_data": "experiments",
 }
 
 
@@ -72,6 +60,13 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], payload: bytes) -> Path:
+    """Write ``payload`` to ``path`` atomically; returns the final path."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(payload)
+    return Path(path)
 
 
 def write_table(df: Any, path: str | os.PathLike[str]) -> Path:
@@ -113,6 +108,8 @@ class RunArtifacts:
     #: suffix of the pruning outputs' folders when ``prune.n_min`` is not the published value
     #: (``_nmin{n}``), so an n_min sweep never overwrites the published-setting circuits
     prune_variant: str = ""
+    #: artifact kind -> the stage producing it (from the stage registry), named in missing-input errors
+    producers: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def prefix(self) -> str:
@@ -179,15 +176,33 @@ class RunArtifacts:
     def manifest(self) -> Path:
         return self.run_dir / "manifest.json"
 
+    def location(self, kind: str) -> list[Path]:
+        """Where artifacts of ``kind`` live: the published folders and files, else ``{run_dir}/{kind}``."""
+        fixed = {
+            "omega": [self.omega_dir],
+            "traced_graphs": [self.traced_graphs_dir],
+            "tracing_results": [self.tracing_results_dir],
+            "combined_graphs": [self.combined_graphs_dir],
+            "interventions_graph": sorted(self.run_dir.glob(f"interventions_graph_{self.prefix}_*.graphml")),
+            "pruned_graphs": [self.pruned_graphs_dir],
+            "circuit_comparison": [self.comparison_dir],
+            "intervention_data": [self.intervention_data],
+        }
+        return fixed.get(kind, [self.stage_dir(kind)])
+
+    def has(self, kind: str) -> bool:
+        """Whether an artifact of ``kind`` is present (a file, or a non-empty folder)."""
+        return any(p.is_file() or (p.is_dir() and any(p.iterdir())) for p in self.location(kind))
+
     def require(self, path: Path, kind: str, hint: str = "") -> Path:
         """Return ``path`` if it exists (a non-empty directory counts), else raise a helpful error.
 
-        ``kind`` is a key of :data:`PRODUCERS`; ``hint`` is the overrides a user would pass again.
+        ``kind`` is an artifact kind of :attr:`producers`; ``hint`` is the overrides a user would pass again.
         """
         ok = path.is_file() or (path.is_dir() and any(path.iterdir()))
         if ok:
             return path
-        producer = PRODUCERS.get(kind, kind)
+        producer = self.producers.get(kind, kind)
         command = f"python run.py stage={producer} model=<model> task={self.task} task.n_prompts={self.n}"
         if hint:
             command += f" {hint}"

@@ -12,13 +12,29 @@ from typing import Any
 
 import yaml
 
+from attncomm.core.literature import (
+    Component,
+    NoReferenceCircuitError,
+    available_methods,
+    canonical_method,
+    excluded_components,
+    intervention_experiment_edges,
+    literature_circuit,
+)
 from attncomm.errors import AttncommError
 
-Component = tuple[int, int | str]
-
-
-class NoReferenceCircuitError(AttncommError, LookupError):
-    """No literature circuit exists for the requested model, task or method."""
+__all__ = [
+    "SHIPPED_REFERENCE",
+    "Component",
+    "NoReferenceCircuitError",
+    "available_methods",
+    "canonical_method",
+    "excluded_components",
+    "intervention_experiment_edges",
+    "literature_circuit",
+    "load_circuits_data",
+    "with_shipped_reference",
+]
 
 
 def load_circuits_data(path: str | Path | None = None) -> dict[str, Any]:
@@ -33,53 +49,6 @@ def load_circuits_data(path: str | Path | None = None) -> dict[str, Any]:
             f"circuits data {path or 'attncomm/data/circuits.yaml'} has no 'circuits' section"
         )
     return data
-
-
-def _component(item: Any, where: str) -> Component:
-    if (
-        not isinstance(item, list | tuple)
-        or len(item) != 2
-        or type(item[0]) is not int
-        or not (type(item[1]) is int or item[1] == "MLP")
-    ):
-        raise AttncommError(f"{where}: malformed component {item!r}, expected [layer, head] or [layer, MLP]")
-    return (item[0], item[1])
-
-
-def available_methods(data: dict[str, Any], model: str, task: str) -> list[str]:
-    """Literature methods with a circuit for ``model``/``task``, in file order (empty if none)."""
-    return list(data["circuits"].get(model, {}).get(task, {}) or {})
-
-
-def literature_circuit(data: dict[str, Any], model: str, task: str, method: str) -> set[Component]:
-    """The circuit a literature ``method`` found for ``model``/``task`` as a set of components."""
-    methods = data["circuits"].get(model, {}).get(task, {}) or {}
-    if method not in methods:
-        raise NoReferenceCircuitError(
-            f"no literature circuit for method {method!r} on {model}/{task}; available: {sorted(methods)}"
-        )
-    return {_component(item, f"circuits.{model}.{task}.{method}") for item in methods[method]}
-
-
-def canonical_method(data: dict[str, Any], model: str, task: str) -> str:
-    """The reference method the paper compares against for ``model``/``task`` (e.g. ACDC for gp)."""
-    method = data.get("canonical", {}).get(task, {}).get(model)
-    if method is None:
-        raise NoReferenceCircuitError(f"no canonical literature circuit for {model}/{task}")
-    return method
-
-
-def excluded_components(data: dict[str, Any], task: str, method: str) -> list[str]:
-    """Component kinds the reference ``method`` never considers on ``task`` (e.g. ``MLP``)."""
-    return list(data.get("excluded_components", {}).get(task, {}).get(method, []))
-
-
-def intervention_experiment_edges(data: dict[str, Any], model: str, task: str) -> list[list[str]]:
-    """Edges ``[upstream_id, downstream_id, description]`` of the paper's intervention experiments."""
-    edges = data.get("edges_for_intervention_experiments", {}).get(task, {}).get(model)
-    if edges is None:
-        raise NoReferenceCircuitError(f"no intervention-experiment edges for {model}/{task}")
-    return [list(edge) for edge in edges]
 
 
 #: method name of a reference circuit shipped beside a model's weights (the toy model organisms)

@@ -25,9 +25,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from attncomm.core.types import FiringKey, FiringRecord
 from attncomm.io.artifacts import atomic_path
-
-FiringKey = tuple[int, int, int, int, int]  # (prompt, layer, head, dest, src)
 
 #: prompt status codes stored in the ``prompts`` table
 STATUSES: tuple[str, ...] = ("traced", "incorrect", "nonpositive_total", "no_head_seed")
@@ -40,16 +39,6 @@ _DIMS = {
     "contrib_sv_dest": "layer,component,src_pos",
     "contrib_sv_src": "layer,component,src_pos",
 }
-
-
-@dataclass
-class FiringRecord:
-    """What tracing keeps of one firing for later stages (interventions, sparsity, control signals)."""
-
-    dest_terms: np.ndarray  # int64 [n_selected] (selection order)
-    src_terms: np.ndarray  # int64 [n_selected] (empty: side not traced)
-    contrib_dest: np.ndarray  # float [layer, H+2, d+1]
-    contrib_src: np.ndarray  # float [layer, H+2, d+1]
 
 
 @dataclass

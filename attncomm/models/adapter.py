@@ -55,7 +55,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from attncomm.core.types import ArchFacts, HeadWeights
 from attncomm.errors import AttncommError
 from attncomm.models.gpt2_tokenizer import save_gpt2_tokenizer
 from attncomm.models.random_models import BUILDERS, build_model_dir
@@ -76,56 +77,6 @@ HookFn = Callable[[Tensor, Any], Tensor | None]
 
 class ModelNotAvailableError(AttncommError, RuntimeError):
     """The weights of a model cannot be found (offline, not in the HF cache, or a bad local path)."""
-
-
-@dataclass(frozen=True)
-class ArchFacts:
-    """Architecture facts the ACC maths depends on, read from the booted model."""
-
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    d_model: int
-    d_head: int
-    d_vocab: int
-    n_ctx: int
-    normalization: str  # "LN" | "RMS"
-    rotary: bool
-    rotary_dim: int | None
-    rotary_base: float | None
-    rotary_adjacent_pairs: bool
-    parallel_attn: bool
-    post_attn_norm: bool  # Gemma-2 ln1_post
-    attn_softcap: float | None
-    final_softcap: float | None
-    embed_scale: float
-    has_attn_bias: bool
-    attn_scale: float  # hook_attn_scores = q.k / attn_scale
-
-    @property
-    def kv_group_size(self) -> int:
-        """Query heads per key/value head (1 without GQA)."""
-        return self.n_heads // self.n_kv_heads
-
-
-@dataclass
-class HeadWeights:
-    """Processed weights (after compatibility mode), GQA keys/values expanded to query heads."""
-
-    W_Q: Float[Tensor, "layer head_index d_model d_head"]
-    W_K: Float[Tensor, "layer head_index d_model d_head"]
-    W_V: Float[Tensor, "layer head_index d_model d_head"]
-    W_O: Float[Tensor, "layer head_index d_head d_model"]
-    b_Q: Float[Tensor, "layer head_index d_head"]
-    b_K: Float[Tensor, "layer head_index d_head"]
-    b_V: Float[Tensor, "layer head_index d_head"]
-    b_O: Float[Tensor, "layer d_model"]
-    W_U: Float[Tensor, "d_model d_vocab"]
-    b_U: Float[Tensor, " d_vocab"]
-    W_E: Float[Tensor, "d_vocab d_model"]  # unscaled (Gemma: times ArchFacts.embed_scale at run time)
-    W_pos: Float[Tensor, "n_ctx d_model"] | None  # None for rotary models
-    #: multiplicative gain of Gemma-2's post-attention norm (``1 + w``); None without post-norms
-    ln1_post_gain: Float[Tensor, "layer d_model"] | None = None
 
 
 def _hf_hub_cache() -> Path:

@@ -1,1 +1,1 @@
-"""The framework around the stages: typed config schemas, the stage registry and run context, wandb tracking."""
+"""The framework around the stages: typed config schemas, the stage registry and run context, tracking."""

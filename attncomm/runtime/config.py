@@ -15,8 +15,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-#: thresholds of the published combined graphs (section 6 of ACC-METHOD.md)
-PUBLISHED_COMBINE_THRESHOLDS: list[float] = [0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+from attncomm.core.unification import PUBLISHED_THRESHOLDS
 
 
 @dataclass
@@ -102,7 +101,7 @@ class TraceConfig:
 
 @dataclass
 class UnifyConfig:
-    thresholds: list[float] = field(default_factory=lambda: list(PUBLISHED_COMBINE_THRESHOLDS))
+    thresholds: list[float] = field(default_factory=lambda: list(PUBLISHED_THRESHOLDS))
 
 
 @dataclass

@@ -42,32 +42,53 @@ class UnknownStageError(AttncommError, KeyError):
 
 @dataclass(frozen=True)
 class StageSpec:
-    """A registered stage: its entry point and the artifact kinds it reads and writes."""
+    """A registered stage: the single declaration everything else about it is derived from.
+
+    ``section`` names the :class:`AppConfig` field holding the stage's parameters (``None``: the stage
+    has none); ``consumes``/``produces`` are artifact kinds, from which the producer of a missing
+    artifact, the pipeline's order and its missing-input check are derived; ``description`` (the run
+    function's docstring's first line) is what the log and ``--help`` show.
+    """
 
     name: str
     run: StageFn
+    section: str | None = None
     consumes: tuple[str, ...] = ()
     produces: tuple[str, ...] = ()
     needs_model: bool = False
     description: str = ""
+    #: the stage works from any one of its inputs (``export`` exports whichever graphs exist)
+    any_input: bool = False
 
 
 STAGES: dict[str, StageSpec] = {}
+
+_DEFAULT_SECTION = object()
 
 
 def register_stage(
     name: str,
     *,
+    section: str | None | object = _DEFAULT_SECTION,
     consumes: tuple[str, ...] = (),
     produces: tuple[str, ...] = (),
     needs_model: bool = False,
+    any_input: bool = False,
 ) -> Callable[[StageFn], StageFn]:
-    """Decorator registering ``fn`` as stage ``name`` (its docstring's first line describes it)."""
+    """Decorator registering ``fn`` as stage ``name`` (its docstring's first line describes it).
+
+    ``section`` defaults to ``name`` when :class:`AppConfig` has a field of that name, else ``None``.
+    """
 
     def wrap(fn: StageFn) -> StageFn:
         doc = (fn.__doc__ or "").strip().splitlines()
+        sec = section
+        if sec is _DEFAULT_SECTION:
+            sec = name if name in {f.name for f in dataclasses.fields(AppConfig)} else None
+        if sec is not None and sec not in {f.name for f in dataclasses.fields(AppConfig)}:
+            raise TypeError(f"stage {name!r}: AppConfig has no section {sec!r}")
         STAGES[name] = StageSpec(
-            name, fn, tuple(consumes), tuple(produces), needs_model, doc[0] if doc else ""
+            name, fn, sec, tuple(consumes), tuple(produces), needs_model, doc[0] if doc else "", any_input
         )
         return fn
 
@@ -81,6 +102,62 @@ def load_stages() -> dict[str, StageSpec]:
     for mod in pkgutil.iter_modules(pkg.__path__):
         importlib.import_module(f"{pkg.__name__}.{mod.name}")
     return STAGES
+
+
+def producers() -> dict[str, str]:
+    """Artifact kind -> the stage that produces it (derived from the declarations).
+
+    A stage that both consumes and produces a kind (``trace_merge`` rebuilding tracing results) is not
+    its producer: the producer is the stage that makes it from other inputs.
+    """
+    out: dict[str, str] = {}
+    for spec in load_stages().values():
+        for kind in spec.produces:
+            if kind not in spec.consumes:
+                out.setdefault(kind, spec.name)
+    return out
+
+
+def pipeline_order(names: list[str]) -> list[StageSpec]:
+    """The listed stages ordered by their declared inputs (stable: ties keep the listed order).
+
+    A stage runs after every listed stage that produces a kind it consumes; stages with no such
+    relation keep the order given.
+    """
+    specs = [get_stage(n) for n in dict.fromkeys(names)]
+    after: dict[str, set[str]] = {
+        s.name: {p.name for p in specs if p is not s and set(p.produces) & set(s.consumes)} for s in specs
+    }
+    # a stage that rebuilds what it consumes (trace_merge) runs after the producer, before the consumers
+    for s in specs:
+        for other in specs:
+            rebuilt = set(s.produces) & set(s.consumes)
+            if other is not s and rebuilt & set(other.consumes) and not set(other.produces) & rebuilt:
+                after[other.name].add(s.name)
+    ordered: list[StageSpec] = []
+    done: set[str] = set()
+    while len(ordered) < len(specs):
+        ready = [s for s in specs if s.name not in done and after[s.name] <= done]
+        if not ready:
+            cycle = sorted(s.name for s in specs if s.name not in done)
+            raise ConfigError(f"pipeline.stages: the stages {cycle} depend on each other's outputs")
+        ordered.append(ready[0])
+        done.add(ready[0].name)
+    return ordered
+
+
+def missing_inputs(ordered: list[StageSpec], available: Callable[[str], bool]) -> list[tuple[str, str, str]]:
+    """``(stage, kind, producer)`` for every input that no earlier stage makes and ``available`` lacks."""
+    made: set[str] = set()
+    prod = producers()
+    missing = []
+    for spec in ordered:
+        lacking = [kind for kind in spec.consumes if kind not in made and not available(kind)]
+        if spec.any_input and len(lacking) < len(spec.consumes):
+            lacking = []
+        missing += [(spec.name, kind, prod.get(kind, "?")) for kind in lacking]
+        made.update(spec.produces)
+    return missing
 
 
 def get_stage(name: str) -> StageSpec:
@@ -181,7 +258,7 @@ class RunContext:
         n_min = self.cfg.prune.n_min
         variant = "" if n_min is None or n_min == published_n_min else f"_nmin{n_min}"
         return RunArtifacts(
-            self.run_dir, self.model_short, self.task_name, self.n_prompts, self.seed, variant
+            self.run_dir, self.model_short, self.task_name, self.n_prompts, self.seed, variant, producers()
         )
 
     @property

@@ -9,9 +9,9 @@ from typing import Any
 import pandas as pd
 
 from attncomm.core.circuit_overlap import circuit_components, compare_with_literature, ours_label
-from attncomm.core.node_ids import read_graph
 from attncomm.io.artifacts import atomic_write_text
 from attncomm.io.circuits_data import canonical_method, load_circuits_data, with_shipped_reference
+from attncomm.io.graphml import read_graph
 from attncomm.runtime.config import AppConfig
 from attncomm.runtime.registry import RunContext, register_stage
 from attncomm.viz.plots import comparison_across_thresholds, comparison_bar_plot, save_figure

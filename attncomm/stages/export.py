@@ -15,9 +15,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from attncomm.core.node_ids import read_graph, traced_graph_prompt
 from attncomm.errors import MissingArtifactError
 from attncomm.io.artifacts import format_threshold
+from attncomm.io.graphml import read_graph, traced_graph_prompt
 from attncomm.runtime.config import AppConfig
 from attncomm.runtime.registry import RunContext, register_stage
 from attncomm.viz.cytoscape import write_cyjs, write_html
@@ -62,6 +62,7 @@ def graphs_to_export(cfg: AppConfig, ctx: RunContext) -> list[tuple[str, str, Pa
     consumes=("pruned_graphs", "combined_graphs", "traced_graphs"),
     produces=("export",),
     needs_model=False,
+    any_input=True,
 )
 def run_export(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     """Write pruned, combined and traced graphs as Cytoscape JSON and HTML viewers."""

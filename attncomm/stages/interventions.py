@@ -21,9 +21,10 @@ import numpy as np
 from torch import Tensor
 
 from attncomm.core.edge_interventions import intervention_graph
-from attncomm.core.node_ids import is_root, read_graph, write_graph
+from attncomm.core.node_ids import is_root
 from attncomm.core.omega_factors import OmegaCache
 from attncomm.errors import AttncommError
+from attncomm.io.graphml import read_graph, write_graph
 from attncomm.io.results import FiringKey, TracingResults
 from attncomm.runtime.config import AppConfig
 from attncomm.runtime.registry import RunContext, register_stage

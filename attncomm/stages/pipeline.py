@@ -20,7 +20,13 @@ import pandas as pd
 
 from attncomm.errors import ConfigError
 from attncomm.runtime.config import AppConfig
-from attncomm.runtime.registry import RunContext, get_stage, register_stage
+from attncomm.runtime.registry import (
+    RunContext,
+    StageSpec,
+    missing_inputs,
+    pipeline_order,
+    register_stage,
+)
 from attncomm.runtime.tracking import PrefixedTracker
 
 log = logging.getLogger(__name__)
@@ -37,9 +43,11 @@ def fingerprint(config: dict[str, Any], sections: tuple[str, ...]) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def stage_sections(order: list[str], stage: str) -> tuple[str, ...]:
+def stage_sections(order: list[StageSpec], stage: str) -> tuple[str, ...]:
     """A stage depends on the common sections and on its own and earlier stages' parameter sections."""
-    return COMMON_SECTIONS + tuple(order[: order.index(stage) + 1])
+    names = [s.name for s in order]
+    earlier = order[: names.index(stage) + 1]
+    return COMMON_SECTIONS + tuple(dict.fromkeys(s.section for s in earlier if s.section))
 
 
 def is_up_to_date(ctx: RunContext, stage: str, sections: tuple[str, ...]) -> bool:
@@ -61,12 +69,24 @@ def run_pipeline(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
         raise ConfigError("pipeline.stages is empty; list stages, e.g. pipeline.stages=[trace,unify]")
     if "pipeline" in names:
         raise ConfigError("pipeline.stages cannot contain 'pipeline' itself")
-    specs = [get_stage(n) for n in names]
+    specs = pipeline_order(names)
+    if [s.name for s in specs] != list(dict.fromkeys(names)):
+        log.info("pipeline: running in dependency order: %s", ", ".join(s.name for s in specs))
+    missing = missing_inputs(specs, ctx.artifacts.has)
+    if missing:
+        lines = [f"  {stage} needs {kind}, made by the '{prod}' stage" for stage, kind, prod in missing]
+        fix = sorted({prod for _, _, prod in missing})
+        raise ConfigError(
+            "pipeline.stages cannot run: inputs are neither in the run directory nor made by an earlier "
+            f"stage of the pipeline ({ctx.run_dir}):\n"
+            + "\n".join(lines)
+            + f"\n  add {fix} to pipeline.stages, or point paths.run_dir at a directory that holds them"
+        )
     base_tracker = ctx.tracker
     summary: dict[str, Any] = {}
     rerun = cfg.pipeline.force
     for spec in specs:
-        if not rerun and is_up_to_date(ctx, spec.name, stage_sections(names, spec.name)):
+        if not rerun and is_up_to_date(ctx, spec.name, stage_sections(specs, spec.name)):
             log.info("pipeline: %s is up to date, skipped", spec.name)
             summary[f"{spec.name}/skipped"] = True
             continue
@@ -111,7 +131,7 @@ def closing_summary(cfg: AppConfig, ctx: RunContext, summary: dict[str, Any]) ->
     pruned = ctx.artifacts.pruned_graph(th)
     if pruned.is_file():
         from attncomm.core.circuit_overlap import circuit_components
-        from attncomm.core.node_ids import read_graph
+        from attncomm.io.graphml import read_graph
 
         G = read_graph(pruned)
         comps = sorted(circuit_components(G), key=str)

@@ -8,9 +8,10 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from attncomm.core.node_ids import GraphFormatError, read_graph, write_graph
+from attncomm.core.node_ids import GraphFormatError
 from attncomm.core.pruning import prune, prune_thresholds
 from attncomm.errors import ConfigError
+from attncomm.io.graphml import read_graph, write_graph
 from attncomm.runtime.config import AppConfig
 from attncomm.runtime.registry import RunContext, register_stage
 

@@ -64,7 +64,7 @@ def merge_if_complete(ctx: RunContext) -> Path | None:
 @register_stage("trace", consumes=(), produces=("traced_graphs", "tracing_results"), needs_model=True)
 def run_trace(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     """Trace prompts into per-prompt graphs (GraphML) and per-firing results (HDF5)."""
-    from attncomm.core.node_ids import write_graph
+    from attncomm.io.graphml import write_graph
     from attncomm.methods.acc_tracing import trace_prompts
 
     tc = cfg.trace

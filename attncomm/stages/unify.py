@@ -9,9 +9,9 @@ from typing import Any
 import networkx as nx
 from tqdm.auto import tqdm
 
-from attncomm.core.node_ids import read_graph, traced_graph_prompt, write_graph
 from attncomm.core.unification import unify
 from attncomm.errors import MissingArtifactError
+from attncomm.io.graphml import read_graph, traced_graph_prompt, write_graph
 from attncomm.runtime.config import AppConfig
 from attncomm.runtime.registry import RunContext, register_stage
 
