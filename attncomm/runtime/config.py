@@ -168,10 +168,13 @@ class PipelineConfig:
 
 @dataclass
 class StageSelectConfig:
-    """Which stage this job runs (``stage=NAME``); parameters live under the stage's own top-level key."""
+    """Which stage this job runs (``stage=NAME``); parameters live under the stage's own top-level key.
+
+    The options of the ``stage`` group are not YAML files: :func:`register_configs` registers one per
+    stage of the registry, so a stage exists for Hydra as soon as its module declares it.
+    """
 
     name: str = "describe"
-    description: str = ""
 
 
 @dataclass
@@ -206,8 +209,30 @@ def package_path(relative: str) -> str:
 
 
 def register_configs() -> None:
-    """Register the schema that ``conf/config.yaml`` extends, so every group option is type-checked."""
+    """Register the schema that ``conf/config.yaml`` extends, one ``stage`` option per registered stage,
+    and the ``--help`` page listing the stages with their descriptions."""
+    from attncomm.runtime.registry import load_stages
+
     if not OmegaConf.has_resolver("attncomm_pkg"):
         OmegaConf.register_new_resolver("attncomm_pkg", package_path)
     cs = ConfigStore.instance()
     cs.store(name="app_schema", node=AppConfig)
+    stages = load_stages()
+    for name in stages:
+        cs.store(group="stage", name=name, node=StageSelectConfig(name=name))
+    width = max(map(len, stages))
+    listing = "\n".join(f"  {name.ljust(width)}  {spec.description}" for name, spec in sorted(stages.items()))
+    cs.store(
+        group="hydra/help",
+        name="attncomm",
+        node={
+            "app_name": "attncomm",
+            "header": "attncomm: circuit discovery in transformer language models (python run.py ...)\n",
+            "footer": "Docs: README.md and docs/. Hydra's own options: --hydra-help\n",
+            "template": "${hydra.help.header}\n== Stages (stage=NAME) ==\n"
+            + listing.replace("$", "$$")
+            + "\n\n== Configuration groups ==\nCompose your configuration from those groups (group=option)"
+            "\n\n$APP_CONFIG_GROUPS\n\n== Config ==\nOverride anything in the config (foo.bar=value)"
+            "\n\n$CONFIG\n\n${hydra.help.footer}",
+        },
+    )
