@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test test-fast lint format bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ run: install
 test: install
 	$(PY) -m ruff check attncomm tests run.py
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the unit and exactness tiers: no subprocess CLI runs, browser, SLURM or minute-long end-to-end tests
+test-fast: install
+	$(PY) -m ruff check attncomm tests run.py
+	$(PY) -m pytest -m "not slow and not cli and not browser and not slurm" $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check attncomm tests run.py

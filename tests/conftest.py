@@ -1,4 +1,8 @@
-"""Shared fixtures: the reference directory (../shared beside the checkout) and test markers."""
+"""Shared fixtures: the reference directory (../shared beside the checkout) and the tiny test models.
+
+Markers (registered in pyproject.toml): ``slow``, ``cli``, ``browser``, ``slurm``; ``make test`` runs all,
+``make test-fast`` none of them.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,16 @@ import os
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from attncomm.models.adapter import ModelAdapter
+from attncomm.runtime.config import AppConfig, register_configs
+from tests.models_fixtures import load_tiny
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
+CONF = str(REPO_ROOT / "conf")
 
 
 def shared_path(*parts: str) -> Path:
@@ -23,6 +34,16 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+def compose_app(overrides: list[str]) -> AppConfig:
+    """The typed config ``python run.py OVERRIDES`` would run with (Hydra's compose API, no job)."""
+    register_configs()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    app = OmegaConf.to_object(cfg)
+    assert isinstance(app, AppConfig)
+    return app
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     return shared_path("reference")
@@ -31,3 +52,18 @@ def reference_dir() -> Path:
 @pytest.fixture(scope="session")
 def published_gp_dir() -> Path:
     return shared_path("reference", "published", "gpt2-small", "gp")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2() -> ModelAdapter:
+    return load_tiny("tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_pythia() -> ModelAdapter:
+    return load_tiny("tiny-pythia")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2() -> ModelAdapter:
+    return load_tiny("tiny-gemma2")

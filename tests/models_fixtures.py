@@ -1,4 +1,4 @@
-"""Session-scoped tiny models for tests: ``from tests.models_fixtures import tiny_gpt2, load_tiny``.
+"""Tiny test models: ``load_tiny(builder, dtype)`` (the fixtures ``tiny_gpt2`` & co. are in conftest.py).
 
 Models are built once per version of ``attncomm/models/random_models.py`` into a directory under the
 system temp dir (or ``$ATTNCOMM_TEST_CACHE``) and loaded once per process (``load_tiny`` is cached), so
@@ -14,7 +14,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import pytest
 import torch
 
 import attncomm.models.random_models
@@ -44,18 +43,3 @@ def tiny_model_config(builder: str) -> ModelConfig:
 def load_tiny(builder: str, dtype: torch.dtype = torch.float32) -> ModelAdapter:
     """Load (once per process) the test model ``builder`` in ``dtype`` on the CPU."""
     return load_model(tiny_model_config(builder), device="cpu", dtype=dtype, cache_dir=test_cache_dir())
-
-
-@pytest.fixture(scope="session")
-def tiny_gpt2() -> ModelAdapter:
-    return load_tiny("tiny-gpt2")
-
-
-@pytest.fixture(scope="session")
-def tiny_pythia() -> ModelAdapter:
-    return load_tiny("tiny-pythia")
-
-
-@pytest.fixture(scope="session")
-def tiny_gemma2() -> ModelAdapter:
-    return load_tiny("tiny-gemma2")

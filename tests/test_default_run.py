@@ -29,6 +29,7 @@ def reference_top_heads(k: int) -> set[tuple[int, int]]:
     return top
 
 
+@pytest.mark.cli
 @pytest.mark.slow
 def test_default_run_is_the_toy_ioi_pipeline(tmp_path: Path) -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", ATTNCOMM_CACHE=str(tmp_path / "cache"))

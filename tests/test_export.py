@@ -149,6 +149,7 @@ def _js_errors(dom: str) -> str:
     return html.unescape(match.group(1)).strip()
 
 
+@pytest.mark.browser
 def test_viewer_renders_in_headless_chromium(tmp_path: Path) -> None:
     binary = chromium_or_skip()
     G = read_graph(_published(*PRUNED))
@@ -171,6 +172,7 @@ def test_viewer_renders_in_headless_chromium(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
 
+@pytest.mark.browser
 def test_viewer_survives_hostile_labels(tmp_path: Path) -> None:
     binary = chromium_or_skip()
     G = _toy_graph()

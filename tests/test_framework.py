@@ -10,17 +10,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from attncomm.errors import ConfigError, MissingArtifactError
 from attncomm.io.artifacts import RunArtifacts, atomic_path, format_threshold, run_dir_for
-from attncomm.runtime.config import AppConfig, LoggerConfig, register_configs
+from attncomm.runtime.config import LoggerConfig
 from attncomm.runtime.registry import RunContext, get_stage, load_stages, producers
 from attncomm.runtime.tracking import Tracker, find_offline_runs, read_offline_run
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, compose_app
 
-CONF = str(REPO_ROOT / "conf")
 MODELS = [
     "toy-ioi",
     "toy-induction",
@@ -33,15 +30,6 @@ MODELS = [
     "tiny-gemma2",
     "gpt2-small-random",
 ]
-
-
-def compose_app(overrides: list[str]) -> AppConfig:
-    register_configs()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    app = OmegaConf.to_object(cfg)
-    assert isinstance(app, AppConfig)
-    return app
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -183,6 +171,7 @@ def run_cli(args: list[str], tmp_path: Path, timeout: int = 600) -> subprocess.C
     )
 
 
+@pytest.mark.cli
 def test_cli_help_and_cfg_job(tmp_path: Path) -> None:
     out = run_cli(["--help"], tmp_path)
     assert out.returncode == 0 and "model: " in out.stdout and "gpt2-small" in out.stdout
@@ -191,6 +180,7 @@ def test_cli_help_and_cfg_job(tmp_path: Path) -> None:
     assert "hf_name: openai-community/gpt2" in out.stdout and "name: ioi" in out.stdout
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize(
     ("override", "listed"), [("model=nope", "gpt2-small"), ("task=nope", "ioi"), ("stage=nope", "describe")]
 )
@@ -200,6 +190,7 @@ def test_cli_unknown_names_list_valid_ones(tmp_path: Path, override: str, listed
     assert "Could not find" in out.stderr and listed in out.stderr
 
 
+@pytest.mark.cli
 def test_cli_nonpositive_n_prompts_exits_2(tmp_path: Path) -> None:
     out = run_cli(["task.n_prompts=-1", f"paths.root={tmp_path}"], tmp_path)
     assert out.returncode == 2
@@ -207,6 +198,7 @@ def test_cli_nonpositive_n_prompts_exits_2(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.cli
 def test_cli_describe_logs_offline_run(tmp_path: Path) -> None:
     """The describe stage on a tiny model, with the offline logger; config and metrics read back."""
     out = run_cli(
@@ -232,6 +224,7 @@ def test_cli_describe_logs_offline_run(tmp_path: Path) -> None:
     assert json.dumps(run.summary)  # plain JSON values only
 
 
+@pytest.mark.cli
 def test_cli_missing_weights_offline_is_a_clear_error(tmp_path: Path) -> None:
     """An uncached hub model offline: the message names the model, where it looked and the fixes."""
     env_home = tmp_path / "hf"
@@ -290,6 +283,7 @@ def test_concurrent_manifest_updates_lose_nothing(tmp_path: Path) -> None:
     assert sorted(stages) == sorted(f"stage{i}" for i in range(24))
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize(
     ("model", "task", "says"), [("toy-ioi", "gt", "two-digit"), ("toy-induction", "gp", "gp")]
 )

@@ -285,6 +285,7 @@ def test_local_multirun_two_jobs_end_to_end(tmp_path: Path, model_cache: Path) -
     assert len({r["run_dir"] for r in records}) == 2  # each model/task its own run dir
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("script", ["paper.sh", "trace_shards.sh", "prune_sweep.sh"])
 def test_sweep_recipes_print_valid_multirun_commands(script: str) -> None:
     """``DRY_RUN=1 sweeps/X.sh`` prints its ``run.py -m`` commands; every override parses as Hydra syntax."""

@@ -18,7 +18,7 @@ from attncomm.models.gpt2_tokenizer import gpt2_tokenizer, save_gpt2_tokenizer
 from attncomm.models.random_models import BUILDERS, build_model_dir
 from attncomm.runtime.config import ModelConfig
 from tests.conftest import shared_path
-from tests.models_fixtures import load_tiny, test_cache_dir, tiny_gemma2, tiny_gpt2, tiny_pythia  # noqa: F401
+from tests.models_fixtures import load_tiny, test_cache_dir
 
 TINY = ["tiny-gpt2", "tiny-pythia", "tiny-gemma2"]
 TEXTS = ["When Mary and John went to the store, John gave a drink to", "The war lasted from 1732 to 17"]
@@ -50,6 +50,7 @@ def test_build_is_deterministic_and_reused(tmp_path: Path) -> None:
     assert not [p for p in a.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 
+@pytest.mark.cli
 def test_gpt2_small_random_is_bit_identical_to_shared_script(tmp_path: Path) -> None:
     script = shared_path("tools", "make_random_gpt2.py")
     ref_dir = tmp_path / "script"
@@ -138,7 +139,7 @@ def test_config_without_weights_source_raises() -> None:
 # ---- facts -----------------------------------------------------------------------------------
 
 
-def test_arch_facts_gpt2(tiny_gpt2: ModelAdapter) -> None:  # noqa: F811
+def test_arch_facts_gpt2(tiny_gpt2: ModelAdapter) -> None:
     hf = _hf_config("tiny-gpt2")
     a = tiny_gpt2.arch
     assert (a.n_layers, a.n_heads, a.n_kv_heads, a.d_model) == (
@@ -161,7 +162,7 @@ def test_arch_facts_gpt2(tiny_gpt2: ModelAdapter) -> None:  # noqa: F811
     )
 
 
-def test_arch_facts_pythia(tiny_pythia: ModelAdapter) -> None:  # noqa: F811
+def test_arch_facts_pythia(tiny_pythia: ModelAdapter) -> None:
     hf = _hf_config("tiny-pythia")
     a = tiny_pythia.arch
     d_head = hf["hidden_size"] // hf["num_attention_heads"]
@@ -179,7 +180,7 @@ def test_arch_facts_pythia(tiny_pythia: ModelAdapter) -> None:  # noqa: F811
     assert a.attn_scale == math.sqrt(d_head) and a.embed_scale == 1.0 and tiny_pythia.weights.W_pos is None
 
 
-def test_arch_facts_gemma2(tiny_gemma2: ModelAdapter) -> None:  # noqa: F811
+def test_arch_facts_gemma2(tiny_gemma2: ModelAdapter) -> None:
     hf = _hf_config("tiny-gemma2")
     a = tiny_gemma2.arch
     assert (a.n_heads, a.n_kv_heads, a.d_head) == (
@@ -263,13 +264,13 @@ def test_hook_names_exist(builder: str) -> None:
     assert cache[adapter.ln1_scale(0)].shape == (batch, n_pos, 1)
 
 
-def test_unknown_hook_is_a_clear_error(tiny_gpt2: ModelAdapter) -> None:  # noqa: F811
+def test_unknown_hook_is_a_clear_error(tiny_gpt2: ModelAdapter) -> None:
     tokens = tiny_gpt2.to_tokens("Hi", prepend_bos=True)
     with pytest.raises(KeyError, match="blocks.0.no_such_hook"):
         tiny_gpt2.run_with_cache(tokens, ["blocks.0.no_such_hook"])
 
 
-def test_to_tokens_right_pads_and_prepends_bos(tiny_pythia: ModelAdapter) -> None:  # noqa: F811
+def test_to_tokens_right_pads_and_prepends_bos(tiny_pythia: ModelAdapter) -> None:
     tok = gpt2_tokenizer()
     ids = [tok(t)["input_ids"] for t in TEXTS]
     with_bos = tiny_pythia.to_tokens(TEXTS, prepend_bos=True)
@@ -297,7 +298,7 @@ def test_right_padding_does_not_change_real_tokens(builder: str) -> None:
     )
 
 
-def test_run_with_hooks_can_patch(tiny_gpt2: ModelAdapter) -> None:  # noqa: F811
+def test_run_with_hooks_can_patch(tiny_gpt2: ModelAdapter) -> None:
     tokens = tiny_gpt2.to_tokens(TEXTS[:1], prepend_bos=True)
     clean = tiny_gpt2.run_with_hooks(tokens, [])
     zeroed = tiny_gpt2.run_with_hooks(tokens, [(tiny_gpt2.mlp_out(0), lambda t, hook: torch.zeros_like(t))])
@@ -324,7 +325,7 @@ def test_rotary_cos_sin_are_the_models_tables(builder: str) -> None:
     torch.testing.assert_close(sin.double(), torch.cat([angles.sin(), angles.sin()], -1), atol=1e-5, rtol=0)
 
 
-def test_rotary_cos_sin_refuses_absolute_positions(tiny_gpt2: ModelAdapter) -> None:  # noqa: F811
+def test_rotary_cos_sin_refuses_absolute_positions(tiny_gpt2: ModelAdapter) -> None:
     with pytest.raises(ValueError, match="no rotary"):
         tiny_gpt2.rotary_cos_sin(4)
 

@@ -172,7 +172,9 @@ def _set_aside(root: Path, dest: Path) -> None:
         shutil.move(root / name, dest / name)
 
 
+@pytest.mark.slurm
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_slurm_multirun_sweep(
     slurm_cluster: Cluster, tmp_path: Path, request: pytest.FixtureRequest, model_cache: Path
 ) -> None:
@@ -262,7 +264,9 @@ def _slurm(cluster: Cluster, *args: str) -> str:
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
 
 
+@pytest.mark.slurm
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_slurm_preemption_requeues_and_resumes(slurm_cluster: Cluster, tmp_path: Path) -> None:
     """Preempt a trace job: submitit requeues it and the restarted job traces only the remaining prompts."""
     cluster = slurm_cluster

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -96,11 +95,34 @@ def test_shards_merged_equal_unsharded(tmp_path: Path) -> None:
     assert run_trace_merge(whole, RunContext.for_tests(whole, tmp_path / "many"))["prompts"] == 5
 
 
+#: loaded by the killed job's interpreter through PYTHONPATH: right after the k-th part file (a prompt's
+#: commit marker) is written, the process SIGKILLs itself, a deterministic point in the middle of the run
+KILL_AFTER_PARTS = """\
+import os
+if os.environ.get("ATTNCOMM_TEST_KILL_AFTER_PARTS"):
+    import signal
+    import attncomm.io.results as _rio
+    _write_part = _rio.write_part
+    _written = []
+    def write_part(*args, **kwargs):
+        out = _write_part(*args, **kwargs)
+        _written.append(out)
+        if len(_written) >= int(os.environ["ATTNCOMM_TEST_KILL_AFTER_PARTS"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    _rio.write_part = write_part
+"""
+
+
+@pytest.mark.cli
 def test_trace_killed_with_sigkill_resumes_to_identical_artifacts(tmp_path: Path) -> None:
-    """SIGKILL a trace job mid-run, start it again: the artifacts equal an uninterrupted run's."""
-    n = 10
+    """SIGKILL a trace job after its 3rd prompt, rerun it: the artifacts equal an uninterrupted run's."""
+    n, kill_after = 10, 3
     cfg = config("tiny-gemma2", n)
     run_trace(cfg, RunContext.for_tests(cfg, tmp_path / "clean"))
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_AFTER_PARTS)
     env = dict(os.environ, ATTNCOMM_CACHE=str(fixtures.test_cache_dir()))
     args = [
         sys.executable,
@@ -116,19 +138,11 @@ def test_trace_killed_with_sigkill_resumes_to_identical_artifacts(tmp_path: Path
         f"paths.root={tmp_path / 'root'}",
         f"paths.cache_dir={fixtures.test_cache_dir()}",
     ]
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed_env = dict(env, PYTHONPATH=str(hook), ATTNCOMM_TEST_KILL_AFTER_PARTS=str(kill_after))
+    first = subprocess.run(args, cwd=tmp_path, env=killed_env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
     parts = tmp_path / "killed" / "tracing_results" / "parts"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if parts.is_dir() and len(list(parts.glob("*.h5"))) >= 2:
-            break
-        time.sleep(0.05)
-    if proc.poll() is not None:
-        pytest.fail(f"trace finished before it could be killed: {proc.stderr.read().decode()[-2000:]}")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_before = len(list(parts.glob("*.h5")))
-    assert 0 < done_before < n
+    assert len(list(parts.glob("*.h5"))) == kill_after
     out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert list(parts.glob(".*.tmp")) == []

@@ -10,12 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from attncomm.models.adapter import ModelAdapter, load_model
-from attncomm.runtime.config import AppConfig, register_configs
 from attncomm.runtime.registry import RunContext, get_stage
 from attncomm.tasks import get_task
 from attncomm.toys.reference import (
@@ -34,8 +31,8 @@ from attncomm.toys.training import (
     build_ioi_tokenizer,
     induction_head_scores,
 )
+from tests.conftest import compose_app
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 #: held-out prompts: a seed used neither by training (batches), nor evaluation (10000), nor the reference (7)
 HELDOUT_SEED = 4242
 #: total size budget of the shipped toys
@@ -46,15 +43,6 @@ def require_shipped(name: str) -> None:
     """Skip when toy ``name`` has not been shipped yet (no ``attncomm/toys/<name>/config.json``)."""
     if not (toy_dir(name) / "config.json").is_file():
         pytest.skip(f"toy {name} is not shipped yet: attncomm/toys/{name}/ has no config.json")
-
-
-def compose_app(overrides: list[str]) -> AppConfig:
-    register_configs()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    app = OmegaConf.to_object(cfg)
-    assert isinstance(app, AppConfig)
-    return app
 
 
 @pytest.fixture(scope="module", params=TOY_NAMES)
