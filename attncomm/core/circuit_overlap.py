@@ -1,4 +1,4 @@
-"""Circuit comparison with the literature (ACC-METHOD.md section 8).
+"""Circuit comparison with the literature (docs/METHOD.md section 8).
 
 A circuit is the set of ``(layer, head)`` and ``(layer, 'MLP')`` of a pruned graph's nodes. The
 published table (``circuit_comparison/{model}_{task}_{th}.csv``) compares every circuit with the

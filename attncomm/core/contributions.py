@@ -1,4 +1,4 @@
-"""Upstream write contributions projected on a firing's selected terms (section 3 of ACC-METHOD.md).
+"""Upstream write contributions projected on a firing's selected terms (section 3 of docs/METHOD.md).
 
 With ``P_U = U_S U_S^T`` (dest terms) and ``P_V = V_S V_S^T`` (source terms) and ``y_t`` a component's
 write at position ``t`` divided by ``scale_t``::

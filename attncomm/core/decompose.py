@@ -1,4 +1,4 @@
-"""Per-firing singular-term contributions and term selection (section 2 of ACC-METHOD.md), batched.
+"""Per-firing singular-term contributions and term selection (section 2 of docs/METHOD.md), batched.
 
 For a firing ``(l, h, d, s)`` and the thin SVDs of :mod:`attncomm.core.omega_factors` at offset ``d - s``:
 

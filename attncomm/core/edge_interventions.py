@@ -1,4 +1,4 @@
-"""Causal effect of each edge of a combined graph: remove its signal, measure (ACC-METHOD.md section 7).
+"""Causal effect of each edge of a combined graph: remove its signal, measure (docs/METHOD.md section 7).
 
 For an edge ``u -> v`` of type ``"d"`` (dest side) or ``"s"`` (source side) and a prompt it appeared in,
 with ``v`` the downstream firing ``(p, l, h, d, s)``:

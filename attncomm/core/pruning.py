@@ -1,4 +1,4 @@
-"""Pruning the intervention graph by causal effect (ACC-METHOD.md section 7, pruning half).
+"""Pruning the intervention graph by causal effect (docs/METHOD.md section 7, pruning half).
 
 An edge into the root is always kept; any other edge is kept when it appeared in at least
 ``n_min`` prompts and ``|mean(logit_diff)| >= th``. Degree-0 nodes and every weakly connected

@@ -1,4 +1,4 @@
-"""Decomposition of the residual stream into upstream component writes (ACC-METHOD.md section 3).
+"""Decomposition of the residual stream into upstream component writes (docs/METHOD.md section 3).
 
 The residual entering layer ``l`` is exactly the embedding plus, for every upstream layer ``l' < l``,
 the heads' writes broken down by source token, the MLP write and the attention-output bias. Pure

@@ -1,4 +1,4 @@
-"""Greedy selection rules of ACC (sections 2, 4.1 and 4.3 of ACC-METHOD.md).
+"""Greedy selection rules of ACC (sections 2, 4.1 and 4.3 of docs/METHOD.md).
 
 Three rules, all pure functions on tensors:
 

@@ -1,4 +1,4 @@
-"""Control signals (section 9 of ACC-METHOD.md): source signals of strong firings, clustered.
+"""Control signals (section 9 of docs/METHOD.md): source signals of strong firings, clustered.
 
 For a firing ``(l, h, d, s)`` whose source side is traceable (source-side ``sum(c) > 0``), the
 **source signal** is ``P_V x_s`` normalized, with ``P_V = V_S V_S^T`` over the firing's selected

@@ -1,4 +1,4 @@
-"""Sparse attention decomposition statistics (ACC-METHOD.md section 9), pure computations.
+"""Sparse attention decomposition statistics (docs/METHOD.md section 9), pure computations.
 
 Input: per-firing selected singular terms (``FiringRecord.dest_terms`` / ``src_terms``, keyed by
 ``(prompt, layer, head, dest, src)``). A side whose selection is empty was not traced (its relative

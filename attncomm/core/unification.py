@@ -1,4 +1,4 @@
-"""Unifying per-prompt traced graphs into combined graphs (ACC-METHOD.md section 6).
+"""Unifying per-prompt traced graphs into combined graphs (docs/METHOD.md section 6).
 
 Threshold values: the reference generated ``0.1 .. 0.9`` with ``np.arange(0.1, 1.0, 0.1)`` (so
 ``0.30000000000000004`` and ``0.7000000000000001``), filtered with ``n_appearences >=

@@ -1,7 +1,8 @@
-"""Literature circuits (ACC-METHOD.md section 8), shipped with the package as ``attncomm/data/circuits.yaml``.
+"""Literature circuits (docs/METHOD.md section 8), shipped as ``attncomm/data/circuits.yaml``.
 
-The packaged file is a copy of ``reference/circuits.yaml`` (a test checks they are equal), so
-``compare`` works without ``../shared``. Components are ``(layer, head)`` or ``(layer, 'MLP')``.
+The packaged file is the project's curated copy of the published circuits (a test checks it against the
+reference data), so ``compare`` needs nothing outside the package. Components are ``(layer, head)`` or
+``(layer, 'MLP')``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ moment resumes by skipping prompts whose part exists and redoing the rest. A sha
 (``..._shard{i}.h5``) and the merged file (``{model}_{task}_n{N}_{seed}.h5``) are built from parts,
 so a sharded trace merged is the same as one unsharded trace.
 
-Dataset names are the published ones (ACC-METHOD.md section 4.5), one per firing ``(p, l, h, d, s)``:
+Dataset names are the published ones (docs/METHOD.md section 4.5), one per firing ``(p, l, h, d, s)``:
 ``svs_used_decomp_i_(p, l, h, d, s)`` dest-side selected terms (selection order),
 ``svs_used_decomp_j_(p, l, h, d, s)`` source-side selected terms (empty when that side is not traced),
 ``contrib_sv_dest_(p, l, h, d, s)`` / ``contrib_sv_src_(p, l, h, d, s)`` upstream contributions of

@@ -405,7 +405,7 @@ class ModelAdapter:
         return f"blocks.{layer}.hook_resid_pre"
 
     def ln1_normalized(self, layer: int) -> str:
-        """Attention input after normalisation, before the (folded) gain: ``x_t`` of ACC-METHOD."""
+        """Attention input after normalisation, before the (folded) gain: ``x_t`` of docs/METHOD.md."""
         return f"blocks.{layer}.ln1.hook_normalized"
 
     def ln1_scale(self, layer: int) -> str:

@@ -78,7 +78,6 @@ class PathsConfig:
     root: str = "outputs"
     run_dir: str | None = None  # overrides {root}/{model}/{task}/n{N}_seed{seed}[_{hash8}]
     cache_dir: str = "${oc.env:ATTNCOMM_CACHE,${oc.env:HOME}/.cache/attncomm}"
-    reference_dir: str = "../shared/reference"
 
 
 @dataclass

@@ -265,10 +265,6 @@ class RunContext:
     def cache_dir(self) -> Path:
         return Path(self.cfg.paths.cache_dir)
 
-    @property
-    def reference_dir(self) -> Path:
-        return Path(self.cfg.paths.reference_dir)
-
     # --- lazily loaded model, task and prompts ----------------------------------------------
     @cached_property
     def model(self) -> ModelAdapter:

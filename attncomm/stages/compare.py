@@ -1,4 +1,4 @@
-"""``compare``: compare the pruned ACC circuit with the literature circuits (ACC-METHOD.md section 8)."""
+"""``compare``: compare the pruned ACC circuit with the literature circuits (docs/METHOD.md section 8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``control_signals``: source signals of strong firings, clustered (section 9 of ACC-METHOD.md).
+"""``control_signals``: source signals of strong firings, clustered (section 9 of docs/METHOD.md).
 
 Runs the model on the prompts ``control_signals.prompts`` (ids into the task's ``task.n_prompts``
 prompts; published: IOI prompts 1, 2, 3 of N = 16) and enumerates, in every layer (layer 0

@@ -1,4 +1,4 @@
-"""``experiments``: intervention experiments on chosen edges (ACC-METHOD.md section 9).
+"""``experiments``: intervention experiments on chosen edges (docs/METHOD.md section 9).
 
 Reads the combined graph at ``experiments.threshold`` (published: 0.7) and the tracing results. For
 each chosen edge (``experiments.edges`` = ``[[upstream_id, downstream_id, description], ...]``; None:

@@ -1,4 +1,4 @@
-"""``interventions``: the causal effect of every edge of the combined graph (ACC-METHOD.md section 7).
+"""``interventions``: the causal effect of every edge of the combined graph (docs/METHOD.md section 7).
 
 Reads the combined graph at ``interventions.threshold`` (published: 0.01) and the tracing results,
 removes each non-root edge's signal from its downstream head in every prompt the edge appeared in,

@@ -1,4 +1,4 @@
-"""``prune``: prune the intervention graph at thresholds 0..1 (ACC-METHOD.md section 7)."""
+"""``prune``: prune the intervention graph at thresholds 0..1 (docs/METHOD.md section 7)."""
 
 from __future__ import annotations
 

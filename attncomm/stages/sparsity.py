@@ -51,7 +51,7 @@ from attncomm.viz.plots import head_density_heatmap, save_figure, sparsity_by_mo
 
 log = logging.getLogger(__name__)
 
-#: d_head of the published models (ACC-METHOD.md section 9), used when no config.json is at hand
+#: d_head of the published models (docs/METHOD.md section 9), used when no config.json is at hand
 PUBLISHED_D_HEAD: dict[str, int] = {
     "gpt2-small": 64,
     "pythia-160m": 64,

@@ -1,4 +1,4 @@
-"""``trace``: trace prompts into per-prompt graphs and per-firing results (ACC-METHOD.md sections 1-5).
+"""``trace``: trace prompts into per-prompt graphs and per-firing results (docs/METHOD.md sections 1-5).
 
 Resumable: each prompt's graph is written, then its part file (the commit marker); prompts with a
 part file are skipped unless ``trace.overwrite=true``, so a killed job picks up where it stopped.

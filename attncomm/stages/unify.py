@@ -1,4 +1,4 @@
-"""``unify``: combine the per-prompt traced graphs into the combined graphs (ACC-METHOD.md section 6)."""
+"""``unify``: combine the per-prompt traced graphs into the combined graphs (docs/METHOD.md section 6)."""
 
 from __future__ import annotations
 

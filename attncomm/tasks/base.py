@@ -2,7 +2,7 @@
 
 A task turns ``(tokenizer, n, seed, prepend_bos)`` into a :class:`TaskPrompts` (texts, right-padded
 tokens, the position ``end`` where the answer is predicted, role positions, answers) and defines the
-task direction in the residual space (section 4.1 of ACC-METHOD.md), the logit-difference metric at
+task direction in the residual space (section 4.1 of docs/METHOD.md), the logit-difference metric at
 ``end`` and the correctness check used to skip prompts (section 4.2).
 
 Conventions shared by every task:

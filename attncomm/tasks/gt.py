@@ -22,7 +22,7 @@ role; the published runs used no BOS. Direction: mean of ``W_U[:, YY']`` over th
 completions ``YY' > YY`` minus the mean over ``YY' <= YY``; the metric is the same combination of
 the logits at ``end`` (so it equals ``resid . direction`` plus the same combination of ``b_U``).
 This is the task's own sign; the published intervention code used the opposite one for
-greater-than (section 7 of ACC-METHOD.md).
+greater-than (section 7 of docs/METHOD.md).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ family, not shuffled); then for each prompt: a template (uniform ``choice``), th
 ``choice`` until all three differ (IO = first, S = second, the third is unused), a place, an object.
 
 Tokens: the whole sentence, final IO included, is tokenized; ``end`` = the position just before the
-final IO (``" to"``). Roles (section 4.4 of ACC-METHOD.md): IO / S1 = first occurrence of the IO / S
+final IO (``" to"``). Roles (section 4.4 of docs/METHOD.md): IO / S1 = first occurrence of the IO / S
 name token, S2 = last occurrence of S, their neighbours ``+-1``, ``end``, ``end-1``, ``starts`` = 0,
 ``punct`` = last ``"."`` if the sentence holds one else last ``","``, ``verb`` = last ``" said"``, else
 ``" give"``, else ``" gave"`` (the later-listed word present wins). Names must be single tokens with a

@@ -1,7 +1,7 @@
 """Export ACC graphs as Cytoscape JSON (``.cyjs``) and as a self-contained HTML viewer.
 
 Pure conversion, no Hydra or wandb: :func:`graph_to_cytoscape` turns a traced, combined or pruned
-graph (tuple node ids, ACC-METHOD.md sections 4-7) into Cytoscape's JSON format::
+graph (tuple node ids, docs/METHOD.md sections 4-7) into Cytoscape's JSON format::
 
     {"data": {...graph facts...},
      "elements": {"nodes": [{"data": {id, label, layer, component, kind, head, dest, src,
