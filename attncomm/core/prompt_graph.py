@@ -1,4 +1,4 @@
-"""Recursive tracing of one prompt into an ACC graph plus per-firing results (sections 4 and 5).
+"""Recursive tracing of one prompt into an ACC graph plus per-firing results (docs/METHOD.md section 4).
 
 :func:`trace_prompt` takes the per-prompt tensors (:class:`PromptTensors`) and an
 :class:`~attncomm.core.omega_factors.OmegaCache` and returns a :class:`TraceResult`:
@@ -22,7 +22,7 @@
    position gets no edge and is not reached. In particular a seed head ``(l, h, end, t)`` whose ``t``
    has no label is traced -- its per-firing results are stored -- but has no edge to the root and no
    upstream edges (its node would have no name).
-4. **Per-firing results** (5): selected dest and source terms (selection order; an untraced side is
+4. **Per-firing results** (4.5): selected dest and source terms (selection order; an untraced side is
    empty) and both contribution tensors ``[l, H+2, d+1]`` (the Embedding entry is not stored), keyed
    by ``(l, h, d, s)`` (the driver adds the prompt id).
 """
