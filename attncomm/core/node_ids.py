@@ -32,6 +32,8 @@ COMPONENT_KINDS: frozenset[str] = frozenset({"MLP", "AH bias", "Embedding"})
 GRAPHML_NS = "http://graphml.graphdrawing.org/xmlns"
 _NS = {"g": GRAPHML_NS}
 _MAX_ID_LEN = 1000
+#: bound of layer and head indices in a node id (a model's own shape is checked where it is known)
+_MAX_INDEX = 100_000
 
 #: edge attributes every ACC graph carries
 REQUIRED_EDGE_ATTRS: tuple[str, ...] = ("weight", "type")
@@ -89,11 +91,11 @@ def parse_node_id(text: str, where: str = "") -> NodeId:
         return (values[0], values[1])
     if len(values) == 4:
         layer, comp, dest, src = values
-        if not isinstance(layer, int) or layer < 0:
-            raise fail("the layer must be a non-negative int")
+        if not isinstance(layer, int) or not 0 <= layer < _MAX_INDEX:
+            raise fail(f"the layer must be an int in [0, {_MAX_INDEX})")
         if isinstance(comp, int):
-            if comp < 0:
-                raise fail("the head index must be a non-negative int")
+            if not 0 <= comp < _MAX_INDEX:
+                raise fail(f"the head index must be an int in [0, {_MAX_INDEX})")
         elif comp not in COMPONENT_KINDS:
             raise fail(f"the component must be a head index or one of {sorted(COMPONENT_KINDS)}")
         if not isinstance(dest, str) or not isinstance(src, str):
@@ -386,6 +388,9 @@ def graph_to_xml(G: nx.MultiDiGraph) -> bytes:
             )
         )
 
+    # sorted, so that the bytes never depend on insertion order (which can follow PYTHONHASHSEED)
+    node_rows.sort(key=lambda row: row[0])
+    edge_rows.sort(key=lambda row: (row[0], row[1], "" if row[2] is None else row[2].zfill(12)))
     root = ET.Element("graphml", {"xmlns": GRAPHML_NS})
     key_ids: dict[tuple[str, str], str] = {}
     for kind, declared in (("node", node_keys), ("edge", edge_keys)):
@@ -414,6 +419,9 @@ def atomic_write_bytes(path: str | Path, payload: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    mask = os.umask(0o022)  # mkstemp makes 0600: give the file what the user's umask gives new files
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)

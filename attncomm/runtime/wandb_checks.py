@@ -22,7 +22,13 @@ from attncomm.errors import ConfigError
 log = logging.getLogger(__name__)
 
 #: WANDB_MODE values wandb accepts, and the logger.mode each means
-ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
+ENV_MODES = {
+    "online": "online",
+    "run": "online",
+    "offline": "offline",
+    "dryrun": "offline",
+    "disabled": "disabled",
+}
 
 #: seconds to wait for the wandb server before calling it unreachable
 CONNECT_TIMEOUT_S = 4.0
