@@ -34,6 +34,8 @@ _NS = {"g": GRAPHML_NS}
 _MAX_ID_LEN = 1000
 #: bound of layer and head indices in a node id (a model's own shape is checked where it is known)
 _MAX_INDEX = 100_000
+#: GraphML files above this size (MiB) are refused unless ATTNCOMM_MAX_GRAPHML_MB raises the limit
+MAX_GRAPHML_MB = 256
 
 #: edge attributes every ACC graph carries
 REQUIRED_EDGE_ATTRS: tuple[str, ...] = ("weight", "type")
@@ -224,6 +226,12 @@ def read_graph(path: str | Path) -> nx.MultiDiGraph:
     file, the element and the problem.
     """
     path = Path(path)
+    limit_mb = int(os.environ.get("ATTNCOMM_MAX_GRAPHML_MB", MAX_GRAPHML_MB))
+    if path.is_file() and path.stat().st_size > limit_mb * 2**20:
+        raise GraphFormatError(
+            f"{path}: {path.stat().st_size / 2**20:.0f} MiB is above the GraphML size limit of {limit_mb} MiB "
+            "(ACC graphs are far smaller: is this the right file?); raise it with ATTNCOMM_MAX_GRAPHML_MB=N"
+        )
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as exc:

@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from attncomm.errors import ConfigError
+from attncomm.io.circuits_data import NoReferenceCircuitError
 from attncomm.runtime.config import AppConfig
 from attncomm.runtime.registry import RunContext, get_stage, register_stage
 from attncomm.runtime.tracking import PrefixedTracker
@@ -75,6 +76,12 @@ def run_pipeline(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
         ctx.tracker = PrefixedTracker(base_tracker, spec.name)
         try:
             metrics = spec.run(cfg, ctx) or {}
+        except NoReferenceCircuitError as err:
+            if spec.name != "compare":
+                raise
+            log.info("pipeline: compare skipped: %s (sparsity and export still run)", err)
+            summary["compare/skipped"] = True
+            continue
         finally:
             ctx.tracker = base_tracker
         summary.update(
