@@ -228,8 +228,9 @@ def read_graph(path: str | Path) -> nx.MultiDiGraph:
     path = Path(path)
     limit_mb = int(os.environ.get("ATTNCOMM_MAX_GRAPHML_MB", MAX_GRAPHML_MB))
     if path.is_file() and path.stat().st_size > limit_mb * 2**20:
+        size_mb = path.stat().st_size / 2**20
         raise GraphFormatError(
-            f"{path}: {path.stat().st_size / 2**20:.0f} MiB is above the GraphML size limit of {limit_mb} MiB "
+            f"{path}: {size_mb:.0f} MiB is above the GraphML size limit of {limit_mb} MiB "
             "(ACC graphs are far smaller: is this the right file?); raise it with ATTNCOMM_MAX_GRAPHML_MB=N"
         )
     try:
