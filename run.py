@@ -4,17 +4,22 @@
 python run.py model=gpt2-small task=ioi stage=trace task.n_prompts=8
 python run.py --cfg job model=gpt2-small task=ioi      # show the composed config
 python run.py -m launcher=slurm model=gpt2-small,pythia-160m task=ioi,gt,gp stage=pipeline
+
+A user-fixable failure prints one line ``error: ...`` and exits 2; ``HYDRA_FULL_ERROR=1`` shows
+its traceback too. Progress bars are drawn only on a terminal (not in logs).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from attncomm.errors import AttncommError
 from attncomm.runtime.config import AppConfig, register_configs
@@ -22,18 +27,32 @@ from attncomm.runtime.registry import run_job
 
 log = logging.getLogger("attncomm")
 register_configs()
+if not sys.stderr.isatty():
+    os.environ.setdefault("TQDM_DISABLE", "1")  # no line per progress update in log files
+
+
+def _full_errors() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR", "") == "1"
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict | None:
-    app = OmegaConf.to_object(cfg)
-    assert isinstance(app, AppConfig)
     try:
+        try:
+            app = OmegaConf.to_object(cfg)
+        except OmegaConfBaseException as err:
+            key = getattr(err, "full_key", None) or "?"
+            what = str(getattr(err, "msg", None) or err).splitlines()[0]
+            raise AttncommError(
+                f"configuration is incomplete or invalid at {key!r}: {what}; "
+                "select it again (e.g. model=toy-ioi, task=ioi) or fix the override"
+            ) from err
+        assert isinstance(app, AppConfig)
         return run_job(app)
     except AttncommError as err:
         log.error("%s", err)
-        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # let the launcher record this job as failed and carry on with the others
+        if _full_errors() or (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+            raise  # multirun: let the launcher record this job as failed and carry on with the others
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

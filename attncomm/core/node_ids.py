@@ -29,6 +29,8 @@ __all__ = [
 ]
 
 _MAX_ID_LEN = 1000
+#: bound of layer and head indices in a node id (a model's own shape is checked where it is known)
+_MAX_INDEX = 100_000
 
 
 class NodeIdError(AttncommError, ValueError):
@@ -78,11 +80,11 @@ def parse_node_id(text: str, where: str = "") -> NodeId:
         return (values[0], values[1])
     if len(values) == 4:
         layer, comp, dest, src = values
-        if not isinstance(layer, int) or layer < 0:
-            raise fail("the layer must be a non-negative int")
+        if not isinstance(layer, int) or not 0 <= layer < _MAX_INDEX:
+            raise fail(f"the layer must be an int in [0, {_MAX_INDEX})")
         if isinstance(comp, int):
-            if comp < 0:
-                raise fail("the head index must be a non-negative int")
+            if not 0 <= comp < _MAX_INDEX:
+                raise fail(f"the head index must be an int in [0, {_MAX_INDEX})")
         elif comp not in COMPONENT_KINDS:
             raise fail(f"the component must be a head index or one of {sorted(COMPONENT_KINDS)}")
         if not isinstance(dest, str) or not isinstance(src, str):

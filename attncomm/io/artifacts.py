@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
-import fcntl
 import hashlib
 import json
 import os
@@ -40,12 +39,21 @@ def format_threshold(th: float) -> str:
     return str(round(float(th), 10))
 
 
+def _current_umask() -> int:
+    """The process umask (reading it means setting it; set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    # mkstemp creates 0600; the final file gets what the user's umask gives any new file
+    os.fchmod(fd, 0o666 & ~_current_umask())
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -237,30 +245,13 @@ def _versions() -> dict[str, str]:
 def update_manifest(
     artifacts: RunArtifacts, stage: str, files: list[Path], config: dict[str, Any], extra: Any = None
 ) -> None:
-    """Record in ``manifest.json`` which stage produced ``files``, with config, versions, git sha, time."""
-    path = artifacts.manifest
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # jobs of a sweep may share a run directory (e.g. compare at two thresholds): serialise the
-    # read-modify-write so that no job's entry is lost
-    with open(path.parent / ".manifest.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            _update_manifest_locked(path, artifacts, stage, files, config, extra)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    """Journal in the run directory's manifest which stage produced ``files``, with config, versions,
+    git sha and time (see :mod:`attncomm.io.manifest`: one entry per job, never overwritten)."""
+    from attncomm.io.manifest import append_entry, job_id
 
-
-def _update_manifest_locked(
-    path: Path, artifacts: RunArtifacts, stage: str, files: list[Path], config: dict[str, Any], extra: Any
-) -> None:
-    manifest: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            manifest = {}
     entry = {
         "stage": stage,
+        "job": job_id(stage, config),
         "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "git_sha": _git_sha(),
         "versions": _versions(),
@@ -269,5 +260,4 @@ def _update_manifest_locked(
     }
     if extra is not None:
         entry["extra"] = dataclasses.asdict(extra) if dataclasses.is_dataclass(extra) else extra
-    manifest.setdefault("stages", {})[stage] = entry
-    atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    append_entry(artifacts.run_dir, json.loads(json.dumps(entry, default=str)))

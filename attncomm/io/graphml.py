@@ -8,6 +8,7 @@ with :func:`attncomm.core.node_ids.parse_node_id`. Traced graphs are named
 
 from __future__ import annotations
 
+import os
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -18,6 +19,9 @@ import networkx as nx
 
 from attncomm.core.node_ids import GraphFormatError, NodeId, format_node_id, parse_node_id
 from attncomm.io.artifacts import atomic_write_bytes
+
+#: GraphML files above this size (MiB) are refused unless ATTNCOMM_MAX_GRAPHML_MB raises the limit
+MAX_GRAPHML_MB = 256
 
 GRAPHML_NS = "http://graphml.graphdrawing.org/xmlns"
 _NS = {"g": GRAPHML_NS}
@@ -120,6 +124,13 @@ def read_graph(path: str | Path) -> nx.MultiDiGraph:
     file, the element and the problem.
     """
     path = Path(path)
+    limit_mb = int(os.environ.get("ATTNCOMM_MAX_GRAPHML_MB", MAX_GRAPHML_MB))
+    if path.is_file() and path.stat().st_size > limit_mb * 2**20:
+        size_mb = path.stat().st_size / 2**20
+        raise GraphFormatError(
+            f"{path}: {size_mb:.0f} MiB is above the GraphML size limit of {limit_mb} MiB "
+            "(ACC graphs are far smaller: is this the right file?); raise it with ATTNCOMM_MAX_GRAPHML_MB=N"
+        )
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as exc:
@@ -284,6 +295,9 @@ def graph_to_xml(G: nx.MultiDiGraph) -> bytes:
             )
         )
 
+    # sorted, so that the bytes never depend on insertion order (which can follow PYTHONHASHSEED)
+    node_rows.sort(key=lambda row: row[0])
+    edge_rows.sort(key=lambda row: (row[0], row[1], "" if row[2] is None else row[2].zfill(12)))
     root = ET.Element("graphml", {"xmlns": GRAPHML_NS})
     key_ids: dict[tuple[str, str], str] = {}
     for kind, declared in (("node", node_keys), ("edge", edge_keys)):

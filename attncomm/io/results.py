@@ -17,6 +17,7 @@ status (traced, or why it was skipped) and firing count. No pickle anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import h5py
 import numpy as np
 
 from attncomm.core.types import FiringKey, FiringRecord
+from attncomm.errors import AttncommError
 from attncomm.io.artifacts import atomic_path
 
 #: prompt status codes stored in the ``prompts`` table
@@ -49,6 +51,44 @@ class PromptRecord:
     status: str
     n_firings: int
     firings: dict[FiringKey, FiringRecord]
+
+
+class DamagedResultsError(AttncommError, ValueError):
+    """A tracing-result file (part, shard or merged) cannot be read: empty, truncated or not HDF5."""
+
+
+def _damaged(path: Path | str, err: BaseException) -> DamagedResultsError:
+    path = Path(str(path))
+    if path.parent.name == "parts":
+        fix = f"delete it and run trace again with the same settings (it retraces prompt {path.stem})"
+    else:
+        fix = "delete it and rebuild it (stage=trace resumes from its part files, stage=trace_merge merges)"
+    return DamagedResultsError(f"tracing-result file {path} is damaged or not HDF5 ({err}); {fix}")
+
+
+@contextlib.contextmanager
+def open_results(path: Path | str) -> Iterator[h5py.File]:
+    """Open a tracing-result file for reading; any damage is one :class:`DamagedResultsError`."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise _damaged(path, err) from err
+    try:
+        yield f
+    except (OSError, KeyError, TypeError) as err:
+        raise _damaged(path, err) from err
+    finally:
+        f.close()
+
+
+def read_prompt_table(path: Path | str) -> dict[int, tuple[str, int]]:
+    """prompt id -> (status, n_firings) of a shard or merged result file."""
+    with open_results(path) as f:
+        ids, codes, counts = f["prompts/prompt"][()], f["prompts/status"][()], f["prompts/n_firings"][()]
+    try:
+        return {int(p): (STATUSES[int(c)], int(n)) for p, c, n in zip(ids, codes, counts, strict=True)}
+    except (IndexError, ValueError) as err:
+        raise _damaged(path, err) from err
 
 
 def dataset_name(kind: str, key: FiringKey) -> str:
@@ -118,13 +158,15 @@ def write_part(results_dir: Path, record: PromptRecord) -> Path:
 def read_part(path: Path) -> PromptRecord:
     """Read a part file back (a clear error names a damaged file)."""
     try:
-        with h5py.File(path, "r") as f:
+        with open_results(path) as f:
             firings = _read_firings(f, f.keys())
             return PromptRecord(
                 int(f.attrs["prompt"]), str(f.attrs["status"]), int(f.attrs["n_firings"]), firings
             )
-    except (OSError, KeyError) as err:
-        raise ValueError(f"damaged tracing part file {path}: {err}; delete it and run trace again") from err
+    except ValueError as err:
+        if isinstance(err, DamagedResultsError):
+            raise
+        raise _damaged(path, err) from err
 
 
 def done_prompts(results_dir: Path) -> set[int]:
@@ -179,20 +221,18 @@ class TracingResults:
 
     def prompts(self) -> dict[int, tuple[str, int]]:
         """prompt id -> (status, n_firings)."""
-        with h5py.File(self.path, "r") as f:
-            ids, codes, counts = f["prompts/prompt"][()], f["prompts/status"][()], f["prompts/n_firings"][()]
-        return {int(p): (STATUSES[int(c)], int(n)) for p, c, n in zip(ids, codes, counts, strict=True)}
+        return read_prompt_table(self.path)
 
     def firings(self, prompt: int | None = None) -> dict[FiringKey, FiringRecord]:
         """Every firing's record, or only those of one prompt."""
-        with h5py.File(self.path, "r") as f:
+        with open_results(self.path) as f:
             names = [n for n in f.keys() if n != "prompts"]
             if prompt is not None:
                 names = [n for n in names if n.split("_(", 1)[1].startswith(f"{prompt},")]
             return _read_firings(f, names)
 
     def iter_keys(self) -> Iterator[FiringKey]:
-        with h5py.File(self.path, "r") as f:
+        with open_results(self.path) as f:
             for name in f.keys():
                 if name.startswith("svs_used_decomp_i_"):
                     yield parse_dataset_name(name)[1]

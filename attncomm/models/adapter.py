@@ -160,7 +160,22 @@ def _resolve_hub(cfg: ModelConfig) -> Path | str:
     except (LocalEntryNotFoundError, FileNotFoundError, HFValidationError, OSError) as err:
         if _hf_offline():
             raise _not_available(cfg, where, "not in the HF cache and HF_HUB_OFFLINE=1") from err
+        if not _hub_reachable():
+            raise _not_available(cfg, where, "not in the HF cache and the HF hub is not reachable") from err
     return cfg.hf_name
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the HF hub (``HF_ENDPOINT``) accepts a TCP connection within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _offline_gpt2_tokenizer_dir(root: Path) -> Path:
@@ -227,6 +242,14 @@ def load_model(
         )
     except OSError as err:
         raise _not_available(cfg, f"{source} (HF cache {_hf_hub_cache()})", str(err)) from err
+    except Exception as err:  # noqa: BLE001 - safetensors/torch raise many types for a damaged checkpoint
+        if isinstance(err, AttncommError) or not isinstance(source, Path):
+            raise
+        raise ModelNotAvailableError(
+            f"the weights of model {cfg.name!r} in {source} cannot be loaded ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}): the checkpoint is damaged or incomplete; "
+            "replace it (e.g. save_pretrained again) or point model.path at an intact copy"
+        ) from err
     bridge.enable_compatibility_mode(disable_warnings=True)
     if dtype == torch.float64:
         _use_float64_norms(bridge)

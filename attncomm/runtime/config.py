@@ -188,6 +188,8 @@ class AppConfig:
     stage: StageSelectConfig = field(default_factory=lambda: StageSelectConfig())
     #: experiment name: the wandb group of every job (bundles under conf/experiment/ set it)
     name: str = "default"
+    #: let a stage use an incomplete input (a trace with prompts still missing), with a warning
+    allow_partial: bool = False
     omega: OmegaStageConfig = field(default_factory=OmegaStageConfig)
     trace: TraceConfig = field(default_factory=TraceConfig)
     unify: UnifyConfig = field(default_factory=UnifyConfig)

@@ -203,8 +203,10 @@ class RunContext:
     @classmethod
     def from_config(cls, cfg: AppConfig, tracker: Tracker | None = None) -> RunContext:
         """Validate the job's config and resolve its run directory, device and dtype."""
-        if cfg.task.n_prompts <= 0:
-            raise ConfigError(f"task.n_prompts={cfg.task.n_prompts} must be a positive number of prompts")
+        from attncomm.io.provenance import model_dir_name
+        from attncomm.runtime.validation import validate_config
+
+        validate_config(cfg)
         config_dict = dataclasses.asdict(cfg)
         if cfg.paths.run_dir:
             run_dir = Path(cfg.paths.run_dir)
@@ -212,7 +214,7 @@ class RunContext:
             overrides = method_overrides(flatten(config_dict))
             run_dir = run_dir_for(
                 cfg.paths.root,
-                cfg.model.short_name,
+                model_dir_name(cfg.paths.root, cfg),  # a model.path checkpoint gets its own folder
                 cfg.task.name,
                 cfg.task.n_prompts,
                 cfg.task.seed,
@@ -276,20 +278,41 @@ class RunContext:
     def task(self) -> Task:
         from attncomm.tasks import get_task
 
-        return get_task(self.cfg.task.name, **self.cfg.task.options)
+        try:
+            return get_task(self.cfg.task.name, **self.cfg.task.options)
+        except (TypeError, ValueError) as err:
+            if isinstance(err, AttncommError):
+                raise
+            raise ConfigError(
+                f"task={self.cfg.task.name} task.options={dict(self.cfg.task.options)} is not valid: {err}; "
+                "remove or correct the option (e.g. drop +task.options.NAME=...)"
+            ) from err
 
     @cached_property
     def prompts(self) -> TaskPrompts:
         """The task's prompts for this job's N and seed, tokenized by the model's tokenizer."""
         tok = self.model.tokenizer
         self.task.check_tokenizer(tok)
-        return self.task.make_prompts(
-            tok,
-            self.cfg.task.n_prompts,
-            self.cfg.task.seed,
-            self.cfg.model.prepend_bos,
-            prompt_type=self.cfg.task.prompt_type,
-        )
+        tc = self.cfg.task
+        try:
+            prompts = self.task.make_prompts(
+                tok, tc.n_prompts, tc.seed, self.cfg.model.prepend_bos, prompt_type=tc.prompt_type
+            )
+        except (TypeError, ValueError) as err:
+            if isinstance(err, AttncommError):
+                raise
+            raise ConfigError(
+                f"task={tc.name} task.n_prompts={tc.n_prompts} task.prompt_type={tc.prompt_type} "
+                f"task.options={dict(tc.options)}: {err}"
+            ) from err
+        n_ctx = self.model.arch.n_ctx
+        if prompts.tokens.shape[1] > n_ctx:
+            raise ConfigError(
+                f"task={tc.name} makes prompts of {prompts.tokens.shape[1]} tokens but model "
+                f"{self.cfg.model.name} has a context of n_ctx={n_ctx} tokens; make the prompts shorter "
+                f"(e.g. task.options.seq_len) or use a model with a longer context"
+            )
+        return prompts
 
     def record(self, stage: str, files: list[Path], extra: Any = None) -> None:
         """Write the manifest entry of ``stage`` for the files it produced."""

@@ -39,6 +39,13 @@ class Tracker:
     ) -> None:
         if cfg.mode not in MODES:
             raise ConfigError(f"logger.mode={cfg.mode!r} is not one of {', '.join(MODES)}")
+        from dataclasses import replace
+
+        from attncomm.runtime.wandb_checks import check_online_reachable, effective_mode
+
+        cfg = replace(cfg, mode=effective_mode(cfg.mode))
+        if cfg.mode == "online":
+            check_online_reachable()
         self.cfg = cfg
         self.run: Any = None
         self.run_path: Path | None = None
@@ -49,7 +56,23 @@ class Tracker:
         directory = Path(cfg.dir)
         directory.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("WANDB_SILENT", "true")
-        self.run = wandb.init(
+        from attncomm.runtime.wandb_checks import wandb_init_errors
+
+        with wandb_init_errors(cfg.mode):
+            self.run = self._init(wandb, cfg, name, job_type, config, directory)
+        self.run_path = Path(self.run.dir).parent
+        log.info("wandb %s run %s in %s", cfg.mode, self.run.id, self.run_path)
+
+    @staticmethod
+    def _init(
+        wandb: Any,
+        cfg: LoggerConfig,
+        name: str | None,
+        job_type: str | None,
+        config: dict[str, Any] | None,
+        directory: Path,
+    ) -> Any:
+        return wandb.init(
             project=cfg.project,
             entity=cfg.entity,
             group=cfg.group,
@@ -60,10 +83,10 @@ class Tracker:
             mode=cfg.mode,
             dir=str(directory),
             reinit="create_new",
-            settings=wandb.Settings(console="off", x_disable_stats=True, x_disable_meta=True),
+            settings=wandb.Settings(
+                console="off", x_disable_stats=True, x_disable_meta=True, init_timeout=30
+            ),
         )
-        self.run_path = Path(self.run.dir).parent
-        log.info("wandb %s run %s in %s", cfg.mode, self.run.id, self.run_path)
 
     @property
     def enabled(self) -> bool:

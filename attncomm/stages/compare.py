@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from attncomm.core.circuit_overlap import circuit_components, compare_with_literature, ours_label
+from attncomm.errors import ConfigError
 from attncomm.io.artifacts import atomic_write_text
 from attncomm.io.circuits_data import canonical_method, load_circuits_data, with_shipped_reference
 from attncomm.io.graphml import read_graph
@@ -37,6 +38,12 @@ def run_compare(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     """Precision, recall and F1 of the pruned circuit against the canonical literature circuit."""
     arts = ctx.artifacts
     th = cfg.compare.threshold
+    produced = pruned_thresholds_on_disk(ctx)
+    if produced and not arts.pruned_graph(th).is_file():
+        raise ConfigError(
+            f"compare.threshold={th} is not among the pruned thresholds produced in "
+            f"{arts.pruned_graphs_dir}: valid values are {', '.join(str(t) for t in produced)}"
+        )
     G = read_graph(arts.require(arts.pruned_graph(th), "pruned_graphs"))
     model, task = ctx.model_short, ctx.task_name
     data = with_shipped_reference(load_circuits_data(), model, task, cfg.model.path)

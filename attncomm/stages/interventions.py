@@ -91,7 +91,9 @@ def load_intervention_inputs(cfg: AppConfig, ctx: RunContext, threshold: float) 
 
     arts = ctx.artifacts
     source = arts.require(arts.combined_graph(threshold), "combined_graphs")
-    results = arts.require(arts.tracing_results(), "tracing_results")
+    from attncomm.io.completeness import require_merged_results
+
+    results = require_merged_results(arts, cfg.model.name, "interventions", cfg.allow_partial)
     task, prompts = ctx.task, ctx.prompts
 
     def metric(logits: Tensor, ids: list[int]) -> Tensor:

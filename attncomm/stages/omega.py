@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -32,6 +33,27 @@ def offsets_needed(cfg: AppConfig, ctx: RunContext) -> list[int]:
     return sorted(wanted)
 
 
+def discard_foreign_cache(cfg: AppConfig, directory: Path) -> None:
+    """Keep the cache only if it was computed from these weights (and dtype); otherwise delete its
+    layer files with a warning, so they are recomputed. Records this model's key."""
+    from attncomm.io.provenance import differences, model_key, read_key, write_key
+
+    key = {**model_key(cfg), "device.dtype": cfg.device.dtype}
+    files = sorted(directory.glob("layer_*.h5")) if directory.is_dir() else []
+    recorded = read_key(directory)
+    if files:
+        diff = ["(no provenance record)"] if recorded is None else differences(recorded, key)
+        if diff:
+            log.warning(
+                "omega: the cache in %s was computed for other weights (%s); recomputing it",
+                directory,
+                "; ".join(diff),
+            )
+            for f in files:
+                f.unlink()
+    write_key(directory, key)
+
+
 @register_stage("omega", produces=("omega",), needs_model=True)
 def run_omega(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     """Compute and cache the dest- and source-side Omega SVDs of every head (and rotary offset)."""
@@ -40,6 +62,7 @@ def run_omega(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     deltas = offsets_needed(cfg, ctx) if model.arch.rotary else [0]
     sides = ("d", "s") if cache.augmented else ("d",)
     directory = ctx.artifacts.omega_dir
+    discard_foreign_cache(cfg, directory)
     start = time.perf_counter()
     added = 0
     files = []

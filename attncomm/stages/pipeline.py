@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from attncomm.errors import ConfigError
+from attncomm.io.circuits_data import NoReferenceCircuitError
 from attncomm.runtime.config import AppConfig
 from attncomm.runtime.registry import (
     RunContext,
@@ -52,10 +53,9 @@ def stage_sections(order: list[StageSpec], stage: str) -> tuple[str, ...]:
 
 def is_up_to_date(ctx: RunContext, stage: str, sections: tuple[str, ...]) -> bool:
     """Whether the manifest records ``stage`` with the same relevant config and all its files exist."""
-    path = ctx.artifacts.manifest
-    if not path.is_file():
-        return False
-    entry = json.loads(path.read_text(encoding="utf-8")).get("stages", {}).get(stage)
+    from attncomm.io.manifest import read_manifest
+
+    entry = read_manifest(ctx.run_dir).get("stages", {}).get(stage)
     if not entry or fingerprint(entry.get("config", {}), sections) != fingerprint(ctx.config_dict, sections):
         return False
     return all((ctx.run_dir / f).exists() for f in entry.get("files", []))
@@ -96,6 +96,12 @@ def run_pipeline(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
         ctx.tracker = PrefixedTracker(base_tracker, spec.name)
         try:
             metrics = spec.run(cfg, ctx) or {}
+        except NoReferenceCircuitError as err:
+            if spec.name != "compare":
+                raise
+            log.info("pipeline: compare skipped: %s (sparsity and export still run)", err)
+            summary["compare/skipped"] = True
+            continue
         finally:
             ctx.tracker = base_tracker
         summary.update(
@@ -149,9 +155,13 @@ def closing_summary(cfg: AppConfig, ctx: RunContext, summary: dict[str, Any]) ->
             f"recall {ours.get('Recall', float('nan')):.3f}, F1 {ours.get('F1-Score', float('nan')):.3f}"
         )
     lines.append(f"files: {ctx.run_dir}")
-    html = sorted(ctx.artifacts.stage_dir("export").glob("pruned_graphs/*.html"))
-    if html:
-        lines.append(f"circuit viewer (open in a browser): {html[0]}")
+    viewer = ctx.artifacts.stage_dir("export") / "pruned_graphs" / f"{pruned.stem}.html"
+    if viewer.is_file():
+        lines.append(f"circuit viewer at th={th} (open in a browser): {viewer}")
+    else:
+        html = sorted(ctx.artifacts.stage_dir("export").glob("pruned_graphs/*.html"))
+        if html:
+            lines.append(f"circuit viewers (open in a browser; none exported at th={th}): {html[0].parent}")
     if ctx.tracker.run_path is not None:
         lines.append(f"wandb {cfg.logger.mode} run: {ctx.tracker.run_path}")
         if cfg.logger.mode == "offline":

@@ -29,7 +29,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
@@ -43,8 +42,9 @@ from attncomm.core.term_statistics import (
     term_counts_from_lengths,
     with_fraction,
 )
+from attncomm.errors import AttncommError
 from attncomm.io.artifacts import atomic_write_text, write_table
-from attncomm.io.results import STATUSES, FiringKey, parse_dataset_name
+from attncomm.io.results import STATUSES, FiringKey, open_results, parse_dataset_name
 from attncomm.runtime.config import AppConfig
 from attncomm.runtime.registry import RunContext, register_stage
 from attncomm.viz.plots import head_density_heatmap, save_figure, sparsity_by_model_task, sparsity_histogram
@@ -67,7 +67,10 @@ _DEST, _SRC = "svs_used_decomp_i", "svs_used_decomp_j"
 
 def tracing_result_files(ctx: RunContext) -> list[Path]:
     """The merged tracing results, else the shard files, else a MissingArtifactError."""
+    from attncomm.io.completeness import require_complete_trace
+
     arts = ctx.artifacts
+    require_complete_trace(arts, ctx.cfg.model.name, "sparsity", ctx.cfg.allow_partial)
     merged = arts.tracing_results()
     if merged.is_file():
         return [merged]
@@ -92,7 +95,7 @@ def read_term_lengths(
     top = 0
     prompts: dict[int, tuple[str, int]] = {}
     for path in paths:
-        with h5py.File(path, "r") as f:
+        with open_results(path) as f:
             if "prompts" in f:
                 ids, codes, counts = (f[f"prompts/{k}"][()] for k in ("prompt", "status", "n_firings"))
                 for p, c, n in zip(ids, codes, counts, strict=True):
@@ -201,9 +204,17 @@ def run_sparsity(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     arts = ctx.artifacts
     files = tracing_result_files(ctx)
     rows, n_heads_results, lower_bound, prompts = read_term_lengths(files)
+    if not rows:
+        traced = sum(1 for s, _ in prompts.values() if s == "traced")
+        raise AttncommError(
+            f"sparsity: the tracing results {', '.join(str(p) for p in files)} hold no firings "
+            f"({len(prompts)} prompts listed, {traced} traced): there is nothing to measure. Check the "
+            "trace's log for why every prompt was skipped (e.g. trace.skip_incorrect=false traces "
+            "prompts the model gets wrong)"
+        )
     d_head, d_head_source, n_layers, n_heads = resolve_d_head(cfg, lower_bound)
     if lower_bound > d_head:
-        raise ValueError(
+        raise AttncommError(
             f"tracing results select term index {lower_bound - 1}, but d_head={d_head} ({d_head_source}); "
             "the tracing results do not belong to this model"
         )

@@ -61,6 +61,26 @@ def merge_if_complete(ctx: RunContext) -> Path | None:
     return build_results(art.tracing_results(), art.tracing_results_dir, range(ctx.n_prompts))
 
 
+def check_trace_provenance(cfg: AppConfig, ctx: RunContext) -> None:
+    """Refuse to resume from parts made with other settings (model weights, task, trace settings);
+    with ``trace.overwrite=true`` start afresh. Records this job's key before anything is traced."""
+    from attncomm.io.provenance import check_key, trace_key, write_key
+
+    art = ctx.artifacts
+    key = trace_key(cfg)
+    has_outputs = bool(done_prompts(art.tracing_results_dir))
+    if not cfg.trace.overwrite:
+        check_key(
+            art.tracing_results_dir,
+            key,
+            what="traced prompts",
+            has_outputs=has_outputs,
+            overwrite_option="trace.overwrite",
+            run_dir=ctx.run_dir,
+        )
+    write_key(art.tracing_results_dir, key)
+
+
 @register_stage("trace", consumes=(), produces=("traced_graphs", "tracing_results"), needs_model=True)
 def run_trace(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     """Trace prompts into per-prompt graphs (GraphML) and per-firing results (HDF5)."""
@@ -71,6 +91,7 @@ def run_trace(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     art = ctx.artifacts
     mine = shard_prompts(ctx.n_prompts, tc.shard, tc.n_shards)
     results_dir = art.tracing_results_dir
+    check_trace_provenance(cfg, ctx)
     done = set() if tc.overwrite else done_prompts(results_dir)
     todo = [p for p in mine if p not in done]
     log.info(

@@ -39,6 +39,9 @@ def read_traced_graphs(ctx: RunContext) -> dict[int, nx.MultiDiGraph]:
 @register_stage("unify", consumes=("traced_graphs",), produces=("combined_graphs",), needs_model=False)
 def run_unify(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     """Combine the traced graphs of all prompts and filter them by node frequency (section 6)."""
+    from attncomm.io.completeness import require_complete_trace
+
+    require_complete_trace(ctx.artifacts, cfg.model.name, "unify", cfg.allow_partial)
     graphs = read_traced_graphs(ctx)
     combined = unify(graphs, cfg.unify.thresholds)
     written = []

@@ -150,9 +150,18 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 
 
 def single_token(tokenizer: PreTrainedTokenizerBase, text: str) -> int | None:
-    """The id of ``text`` if it is exactly one token, else ``None``."""
+    """The id of ``text`` if it is exactly one token (not the unknown token), else ``None``.
+
+    A tokenizer that maps words it does not know to its unknown token cannot express them, even
+    though each becomes "one token".
+    """
     ids = encode(tokenizer, text)
-    return ids[0] if len(ids) == 1 else None
+    if len(ids) != 1:
+        return None
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and ids[0] == unk and text.strip() != str(tokenizer.unk_token):
+        return None
+    return ids[0]
 
 
 def require_single_tokens(
@@ -176,11 +185,26 @@ def require_single_tokens(
     return ids
 
 
+def _first_per_token(tokenizer: PreTrainedTokenizerBase, words: Sequence[str]) -> list[str]:
+    """The first word of each token id (later words mapping to the same id are dropped)."""
+    seen: set[int | None] = set()
+    out = []
+    for w in words:
+        tok = single_token(tokenizer, " " + w)
+        if tok not in seen:
+            seen.add(tok)
+            out.append(w)
+    return out
+
+
 def keep_single_tokens(
     tokenizer: PreTrainedTokenizerBase, words: Sequence[str], task: str, what: str, minimum: int
 ) -> list[str]:
     """The words whose ``" " + word`` is one token (others dropped with a warning); at least ``minimum``."""
     kept = [w for w in words if single_token(tokenizer, " " + w) is not None]
+    distinct = {single_token(tokenizer, " " + w) for w in kept}
+    if len(distinct) < len(kept):  # words that share a token cannot be told apart
+        kept = _first_per_token(tokenizer, kept)
     if len(kept) < len(words):
         dropped = sorted(set(words) - set(kept))
         logger.warning(

@@ -186,7 +186,8 @@ def graph_to_cytoscape(G: nx.MultiDiGraph, name: str = "") -> dict[str, Any]:
     """
     positions = layout_positions(G)
     nodes = []
-    for node in sorted(G.nodes, key=lambda n: (positions[n][1], positions[n][0])):
+    # nodes and edges sorted, so the file's bytes never depend on insertion order (PYTHONHASHSEED)
+    for node in sorted(G.nodes, key=lambda n: (positions[n][1], positions[n][0], format_node_id(n))):
         data = node_data(node)
         for key, value in G.nodes[node].items():
             if key not in _SKIP_NODE_ATTRS and key not in data:
@@ -194,7 +195,10 @@ def graph_to_cytoscape(G: nx.MultiDiGraph, name: str = "") -> dict[str, Any]:
         x, y = positions[node]
         nodes.append({"data": data, "position": {"x": x, "y": y}})
     edges = []
-    for i, (u, v, attrs) in enumerate(G.edges(data=True)):
+    ordered = sorted(
+        G.edges(keys=True, data=True), key=lambda e: (format_node_id(e[0]), format_node_id(e[1]), str(e[2]))
+    )
+    for i, (u, v, _, attrs) in enumerate(ordered):
         data: dict[str, Any] = {"id": f"e{i}", "source": format_node_id(u), "target": format_node_id(v)}
         for key, value in attrs.items():
             if key not in _SKIP_EDGE_ATTRS:

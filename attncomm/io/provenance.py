@@ -1,0 +1,265 @@
+"""Provenance keys: the identity of what made an artifact, so that no stage trusts a stale or foreign one.
+
+A *provenance key* is a flat JSON dictionary of the settings that determine an artifact:
+
+- the model: ``model.weights`` (sha256 over the bytes of the weight files of its local HF directory)
+  and ``model.config`` (sha256 of its ``config.json``, i.e. the architecture);
+- the task and its prompt generation: ``task.name``, ``task.n_prompts``, ``task.seed``,
+  ``task.prompt_type``, ``task.options``, ``model.prepend_bos``, ``model.tokenizer``;
+- the producing stage's method settings (``trace.with_tokens``, ``trace.upstream_fraction`` ...,
+  ``device.dtype``).
+
+Each keyed folder holds its key in a ``provenance.json`` beside the artifacts. A stage that finds
+existing artifacts with a different key either starts afresh (when told to overwrite) or stops with
+a :class:`StaleArtifactError` that names the differing settings and the two ways out.
+
+Weights are hashed once per file version: the digest of a file is cached under
+``{cache_dir}/weight_hashes.json`` by (absolute path, size, mtime), so a 500 MB checkpoint costs a
+second the first time and nothing afterwards.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from attncomm.errors import AttncommError
+
+log = logging.getLogger(__name__)
+
+#: file name of a keyed folder's provenance record
+PROVENANCE_FILE = "provenance.json"
+
+#: suffixes of the files that hold a checkpoint's weights (HF formats)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")
+
+_CHUNK = 1 << 22
+
+
+class StaleArtifactError(AttncommError):
+    """Existing artifacts were made with other settings than this job's."""
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cached_file_hash(path: Path, memo_file: Path | None) -> str:
+    """sha256 of ``path``, memoised in ``memo_file`` by (absolute path, size, mtime_ns)."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    if memo_file is None:
+        return _file_sha256(path)
+    memo_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(memo_file.with_suffix(".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            memo: dict[str, str] = {}
+            if memo_file.is_file():
+                try:
+                    memo = json.loads(memo_file.read_text(encoding="utf-8"))
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    memo = {}  # a damaged memo only costs re-hashing
+            if key in memo:
+                return memo[key]
+            digest = _file_sha256(path)
+            memo[key] = digest
+            tmp = memo_file.with_name(f".{memo_file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(memo, indent=1, sort_keys=True), encoding="utf-8")
+            os.replace(tmp, memo_file)
+            return digest
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def weight_files(model_dir: str | os.PathLike[str]) -> list[Path]:
+    """The weight files of a local HF-format directory (sorted), e.g. ``model.safetensors``."""
+    root = Path(model_dir)
+    return sorted(p for p in root.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+
+
+def weights_hash(model_dir: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """Content hash of a local checkpoint: sha256 over (name, sha256 of bytes) of its weight files.
+
+    ``cache_dir`` memoises per-file digests by (path, size, mtime); without it every call re-reads.
+    A directory without weight files hashes to the digest of the empty list (its config still differs).
+    """
+    memo = Path(cache_dir) / "weight_hashes.json" if cache_dir is not None else None
+    h = hashlib.sha256()
+    for path in weight_files(model_dir):
+        h.update(path.name.encode())
+        h.update(_cached_file_hash(path, memo).encode())
+    return h.hexdigest()
+
+
+def config_hash(model_dir: str | os.PathLike[str]) -> str:
+    """sha256 of the directory's ``config.json`` with keys sorted (the architecture)."""
+    path = Path(model_dir) / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AttncommError(f"cannot read the model config {path}: {err}; fix or replace the file") from err
+    for volatile in ("_name_or_path", "transformers_version"):
+        data.pop(volatile, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def model_identity(
+    model_dir: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None
+) -> dict[str, str]:
+    """``{"model.weights": ..., "model.config": ...}`` of a local HF-format directory."""
+    return {"model.weights": weights_hash(model_dir, cache_dir), "model.config": config_hash(model_dir)}
+
+
+def task_identity(cfg: Any) -> dict[str, Any]:
+    """The task and prompt-generation settings of an :class:`AppConfig` (what the prompts depend on)."""
+    return {
+        "task.name": cfg.task.name,
+        "task.n_prompts": cfg.task.n_prompts,
+        "task.seed": cfg.task.seed,
+        "task.prompt_type": cfg.task.prompt_type,
+        "task.options": dict(cfg.task.options),
+        "model.prepend_bos": cfg.model.prepend_bos,
+        "model.tokenizer": cfg.model.tokenizer,
+    }
+
+
+def trace_settings(cfg: Any) -> dict[str, Any]:
+    """The method settings of ``trace`` that shape its outputs (not sharding, not overwrite)."""
+    tc = cfg.trace
+    return {
+        "trace.with_tokens": tc.with_tokens,
+        "trace.skip_incorrect": tc.skip_incorrect,
+        "trace.seed_fraction": tc.seed_fraction,
+        "trace.upstream_fraction": tc.upstream_fraction,
+        "device.dtype": cfg.device.dtype,
+    }
+
+
+def read_key(folder: Path) -> dict[str, Any] | None:
+    """The provenance key recorded in ``folder``, or None when there is none (or it is unreadable)."""
+    return read_key_file(folder / PROVENANCE_FILE)
+
+
+def read_key_file(path: Path) -> dict[str, Any] | None:
+    """A provenance record, or None when absent or unreadable (a warning names the file)."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        log.warning("unreadable provenance record %s: treated as unknown", path)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_key(folder: Path, key: Mapping[str, Any]) -> Path:
+    """Record ``key`` in ``folder/provenance.json`` (atomically)."""
+    return write_key_file(folder / PROVENANCE_FILE, key)
+
+
+def write_key_file(path: Path, key: Mapping[str, Any]) -> Path:
+    """Write a provenance record atomically."""
+    from attncomm.io.artifacts import atomic_write_text
+
+    atomic_write_text(path, json.dumps(dict(key), indent=2, sort_keys=True, default=str) + "\n")
+    return path
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, str) and len(value) == 64:  # a sha256 digest: its first 12 digits suffice
+        return value[:12]
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``["trace.with_tokens: false -> true", ...]``: every setting whose value differs."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a = json.loads(json.dumps(old.get(k), default=str))
+        b = json.loads(json.dumps(new.get(k), default=str))
+        if a != b:
+            out.append(f"{k}: {_short(a)} -> {_short(b)}")
+    return out
+
+
+def check_key(
+    folder: Path,
+    key: Mapping[str, Any],
+    *,
+    what: str,
+    has_outputs: bool,
+    overwrite_option: str,
+    run_dir: Path,
+) -> bool:
+    """Compare ``folder``'s recorded key with ``key``.
+
+    Returns True when existing outputs are reusable (same key), False when there are no outputs to
+    reuse. Raises :class:`StaleArtifactError` when outputs exist with another (or an unknown) key.
+    """
+    recorded = read_key(folder)
+    if not has_outputs:
+        return False
+    if recorded is None:
+        diff = ["(no provenance record: made by an older version or another tool)"]
+    else:
+        diff = differences(recorded, key)
+        if not diff:
+            return True
+    raise StaleArtifactError(
+        f"{what} in {folder} were made with other settings than this job's: {'; '.join(diff)}. "
+        f"Either recompute them here with {overwrite_option}=true, or write to a new run directory "
+        f"with paths.run_dir=NEW_DIR (run directory now: {run_dir})."
+    )
+
+
+def model_key(cfg: Any) -> dict[str, Any]:
+    """The model part of a provenance key for an :class:`AppConfig`: weights and config hashes of its
+    local directory, or the hub id and revision when the weights are not local yet."""
+    from attncomm.models.adapter import resolve_model_dir
+
+    cache_dir = Path(cfg.paths.cache_dir)
+    source = resolve_model_dir(cfg.model, cache_dir)
+    if isinstance(source, Path):
+        return model_identity(source, cache_dir)
+    return {"model.hf_name": str(source), "model.revision": cfg.model.revision}
+
+
+def trace_key(cfg: Any) -> dict[str, Any]:
+    """Provenance key of the ``trace`` stage's outputs: model identity, task, prompts, trace settings."""
+    return {**model_key(cfg), **task_identity(cfg), **trace_settings(cfg)}
+
+
+def model_dir_name(root: str | os.PathLike[str], cfg: Any) -> str:
+    """The model's folder under ``paths.root``: ``model.short_name``, unless another checkpoint already
+    claimed that folder, then ``{short_name}-{weights hash8}``.
+
+    Only models loaded from ``model.path`` are checked (builders and hub ids are named by their config).
+    The first checkpoint to use a folder claims it in ``{folder}/model_identity.json``.
+    """
+    short = cfg.model.short_name
+    path = cfg.model.path
+    if not path or not (Path(path).expanduser() / "config.json").is_file():
+        return short
+    identity = model_identity(Path(path).expanduser(), cfg.paths.cache_dir)
+    for name in (short, f"{short}-{identity['model.weights'][:8]}"):
+        folder = Path(root) / name
+        claimed = read_key_file(folder / "model_identity.json")
+        if claimed is None:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_key_file(folder / "model_identity.json", {**identity, "model.path": str(path)})
+            return name
+        if not differences({k: claimed.get(k) for k in identity}, identity):
+            return name
+    log.warning("model folder %s/%s is claimed by other weights; writing beside it", root, short)
+    return f"{short}-{identity['model.weights'][:8]}"
