@@ -229,7 +229,9 @@ def test_sweep_jobs_sharing_a_run_directory_keep_their_entries(tmp_path: Path) -
     assert [e["extra"]["threshold"] for e in read_journal(arts.run_dir)] == [0.2, 0.3]
 
 
-def test_corrupt_manifest_is_moved_aside_and_rebuilt(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_corrupt_manifest_is_moved_aside_and_rebuilt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Item 5: a corrupt manifest.json is never silently replaced and no record is lost."""
     arts = _arts(tmp_path)
     update_manifest(arts, "trace", [], {"trace": {}})
