@@ -21,6 +21,7 @@ from typing import Any, TypeAlias
 
 import networkx as nx
 
+from attncomm.core.crashpoints import before_commit
 from attncomm.errors import AttncommError
 
 #: ``(layer, head|'MLP'|'AH bias'|'Embedding', dest_label, src_label)`` or the root ``(name, label)``
@@ -434,6 +435,7 @@ def atomic_write_bytes(path: str | Path, payload: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)
+        before_commit()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

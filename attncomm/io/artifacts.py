@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from attncomm.core.crashpoints import before_commit
 from attncomm.errors import MissingArtifactError
 
 #: method parameters whose non-default values give a run directory its own ``_{hash8}`` suffix
@@ -70,6 +71,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        before_commit()
         os.replace(tmp_path, final)
     finally:
         if tmp_path.exists():
