@@ -448,3 +448,40 @@ def test_graphml_above_the_size_limit_is_refused(tmp_path: Path, monkeypatch: py
         read_graph(path)
     monkeypatch.setenv("ATTNCOMM_MAX_GRAPHML_MB", "2")
     assert read_graph(path).number_of_nodes() == 3
+
+
+def test_pipeline_skips_compare_without_a_reference_circuit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where a model/task has no reference circuit, compare is skipped with one line; export still runs."""
+    from attncomm.stages.pipeline import run_pipeline
+
+    cfg = config()
+    cfg.task.name = "gt"  # no literature circuit for the tiny test model on greater-than
+    cfg.pipeline.stages = ["compare", "export"]
+    cfg.export.thresholds = [0.2]
+    ctx = RunContext.for_tests(cfg, tmp_path / "run")
+    G = nx.MultiDiGraph()
+    G.add_edge((0, 0, "end", "end"), ("root", "end"), weight=1.0, type="d")
+    write_graph(G, ctx.artifacts.pruned_graph(0.2))
+    with caplog.at_level(logging.INFO):
+        summary = run_pipeline(cfg, ctx)
+    assert summary["compare/skipped"] is True
+    assert any("compare skipped" in r.getMessage() for r in caplog.records)
+    assert list((ctx.artifacts.stage_dir("export")).rglob("*.cyjs"))
+
+
+def test_hub_model_without_cache_or_network_fails_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from attncomm.models.adapter import ModelNotAvailableError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    cfg = ModelConfig(
+        name="gpt2-small", short_name="gpt2-small", family="gpt2", hf_name="openai-community/gpt2"
+    )
+    with pytest.raises(ModelNotAvailableError, match="not reachable.*model.path"):
+        resolve_model_dir(cfg, tmp_path)
