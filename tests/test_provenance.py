@@ -485,3 +485,15 @@ def test_hub_model_without_cache_or_network_fails_at_once(
     )
     with pytest.raises(ModelNotAvailableError, match="not reachable.*model.path"):
         resolve_model_dir(cfg, tmp_path)
+
+
+def test_experiment_edges_are_bounded_by_the_model_shape() -> None:
+    from attncomm.core.edge_experiments import parse_experiment_edges
+    from attncomm.stages.experiments import check_edges_fit_model
+
+    edges = parse_experiment_edges([["(1, 0, 'end', 'S1')", "(2, 3, 'end', 'IO')"]])
+    check_edges_fit_model(edges, n_layers=3, n_heads=4, model="toy")
+    with pytest.raises(ConfigError, match=r"experiments\.edges\[0\].*2 layers of 4 heads"):
+        check_edges_fit_model(edges, n_layers=2, n_heads=4, model="toy")
+    with pytest.raises(AttncommError, match="layer"):
+        parse_experiment_edges([["(" + "9" * 900 + ", 0, 'end', 'S1')", "(2, 3, 'end', 'IO')"]])
