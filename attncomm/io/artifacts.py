@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from attncomm.errors import MissingArtifactError
+from attncomm.io.crashpoints import before_commit
 
 #: method parameters whose non-default values give a run directory its own ``_{hash8}`` suffix
 METHOD_DEFAULTS: dict[str, Any] = {
@@ -58,6 +59,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        before_commit()
         os.replace(tmp_path, final)
     finally:
         if tmp_path.exists():

@@ -138,9 +138,9 @@ def append_entry(run_dir: Path, entry: dict[str, Any]) -> None:
     run_dir = Path(run_dir)
     with _locked(run_dir):
         journal = run_dir / JOURNAL
-        if not journal.is_file():
-            legacy = _load_summary_file(run_dir / SUMMARY)
-            for old in (legacy or {}).get("stages", {}).values():
+        current = _load_summary_file(run_dir / SUMMARY)  # a corrupt one is moved aside, not overwritten
+        if not journal.is_file():  # a run directory from before the journal: its entries seed it
+            for old in (current or {}).get("stages", {}).values():
                 if isinstance(old, dict):
                     _append_line(journal, old)
         _append_line(journal, entry)

@@ -42,8 +42,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".g
 _CHUNK = 1 << 22
 
 
-class StaleArtifactError(AttncommError):
-    """Existing artifacts were made with other settings than this job's."""
+class StaleArtifactError(AttncommError, ValueError):
+    """Existing artifacts were made with other settings (or another model) than this job's."""
 
 
 def _file_sha256(path: Path) -> str:

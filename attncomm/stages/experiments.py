@@ -69,6 +69,18 @@ def chosen_edges(cfg: AppConfig, model_short: str, task: str) -> list[Experiment
     return edges
 
 
+def check_edges_fit_model(edges: list[ExperimentEdge], n_layers: int, n_heads: int, model: str) -> None:
+    """Every node of ``edges`` names a layer and head that exist in the model (else a ConfigError)."""
+    for i, edge in enumerate(edges):
+        for node in (edge.upstream, edge.downstream):
+            layer, comp = node[0], node[1]
+            if not 0 <= int(layer) < n_layers or (isinstance(comp, int) and not 0 <= comp < n_heads):
+                raise ConfigError(
+                    f"experiments.edges[{i}]: node {format_node_id(node)} is outside model {model} "
+                    f"({n_layers} layers of {n_heads} heads); use node ids of this model's combined graph"
+                )
+
+
 def _metrics(result: ExperimentResult, summary: pd.DataFrame) -> dict[str, Any]:
     table = result.table
     metrics: dict[str, Any] = {
@@ -99,6 +111,8 @@ def run_experiments_stage(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     ec = cfg.experiments
     arts = ctx.artifacts
     edges = chosen_edges(cfg, ctx.model_short, ctx.task_name)
+    arch = ctx.model.arch
+    check_edges_fit_model(edges, arch.n_layers, arch.n_heads, cfg.model.name)
     inputs = load_intervention_inputs(cfg, ctx, ec.threshold)
     source = inputs.source
     log.info(

@@ -214,9 +214,12 @@ def run_sparsity(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
         )
     d_head, d_head_source, n_layers, n_heads = resolve_d_head(cfg, lower_bound)
     if lower_bound > d_head:
-        raise AttncommError(
+        from attncomm.io.provenance import StaleArtifactError
+
+        raise StaleArtifactError(
             f"tracing results select term index {lower_bound - 1}, but d_head={d_head} ({d_head_source}); "
-            "the tracing results do not belong to this model"
+            "the tracing results do not belong to this model: retrace with this model "
+            "(trace.overwrite=true) or use a new paths.run_dir"
         )
     n_heads = n_heads or n_heads_results
     df, untraced = term_counts_from_lengths(rows)

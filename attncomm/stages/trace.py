@@ -166,6 +166,15 @@ def run_trace(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
         counts["nonpositive_total"],
         counts["no_head_seed"],
     )
+    if mine and counts["traced"] == 0:
+        log.warning(
+            "no prompt of this shard was traced: %d answered incorrectly (trace.skip_incorrect=false traces "
+            "them anyway), %d had a non-positive total, %d had no head seed; later stages have nothing "
+            "to combine",
+            counts["incorrect"],
+            counts["nonpositive_total"],
+            counts["no_head_seed"],
+        )
     ctx.record("trace" if tc.n_shards == 1 else f"trace_shard{tc.shard}", produced, extra=summary)
     ctx.tracker.log_metrics(summary)
     ctx.tracker.log_artifact(shard_file, f"{art.prefix}-tracing-results", "tracing_results")

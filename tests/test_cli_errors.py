@@ -1,0 +1,113 @@
+"""Bad inputs met on the command line end in one ``error:`` line and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from attncomm.io.results import PromptRecord, write_part
+from attncomm.runtime.config import package_path
+from tests.conftest import REPO_ROOT
+
+Setup = Callable[[Path], list[str]]
+
+
+def _results_file(content: bytes) -> Setup:
+    def setup(tmp: Path) -> list[str]:
+        run_dir = tmp / "run"
+        (run_dir / "tracing_results").mkdir(parents=True)
+        (run_dir / "tracing_results" / "toy-ioi_ioi_n4_0.h5").write_bytes(content)
+        return ["stage=sparsity", "task.n_prompts=4", f"paths.run_dir={run_dir}"]
+
+    return setup
+
+
+def _truncated_part(tmp: Path) -> list[str]:
+    results = tmp / "run" / "tracing_results"
+    for p in range(18):
+        path = write_part(results, PromptRecord(p, "incorrect", 0, {}))
+    data = path.read_bytes()  # parts/17.h5
+    path.write_bytes(data[: len(data) // 2])
+    return ["stage=trace_merge", "task.n_prompts=18", f"paths.run_dir={tmp / 'run'}"]
+
+
+def _damaged_checkpoint(truncate: bool) -> Setup:
+    def setup(tmp: Path) -> list[str]:
+        model = tmp / "model"
+        shutil.copytree(package_path("toys/toy-ioi"), model)
+        weights = model / "model.safetensors"
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2] if truncate else os.urandom(4096))
+        return ["stage=describe", f"model.path={model}"]
+
+    return setup
+
+
+def _args(*args: str) -> Setup:
+    return lambda tmp: list(args)
+
+
+#: id -> (setup giving the overrides, extra environment, what the message must say)
+PROBES: dict[str, tuple[Setup, dict[str, str], str]] = {
+    "unify-threshold-2": (_args("stage=unify", "unify.thresholds=[2.0]"), {}, "unify.thresholds"),
+    "prune-step-0": (_args("stage=prune", "prune.step=0"), {}, "prune.step=0"),
+    "prune-step-negative": (_args("stage=prune", "prune.step=-0.05"), {}, "prune.step=-0.05"),
+    "prune-step-7": (_args("stage=prune", "prune.step=7"), {}, "prune.step=7"),
+    "no-model": (_args("stage=describe", "~model"), {}, "model.name"),
+    "no-task": (_args("stage=describe", "~task"), {}, "task.name"),
+    "results-0-bytes": (_results_file(b""), {}, "toy-ioi_ioi_n4_0.h5"),
+    "results-random-bytes": (_results_file(os.urandom(2048)), {}, "toy-ioi_ioi_n4_0.h5"),
+    "truncated-part-17": (_truncated_part, {}, "parts/17.h5"),
+    "garbage-safetensors": (_damaged_checkpoint(truncate=False), {}, "model.path"),
+    "truncated-safetensors": (_damaged_checkpoint(truncate=True), {}, "model.path"),
+    "gp-101-prompts": (
+        _args("stage=describe", "model=tiny-gpt2", "task=gp", "task.n_prompts=101"),
+        {},
+        "n <= 100",
+    ),
+    "seq-len-beyond-context": (
+        _args("stage=describe", "model=toy-induction", "task=induction", "task.options.seq_len=200"),
+        {},
+        "n_ctx=64",
+    ),
+    "bogus-prompt-type": (_args("stage=describe", "task.prompt_type=bogus"), {}, "task.prompt_type"),
+    "unknown-task-option": (_args("stage=describe", "+task.options.foo=1"), {}, "task.options"),
+    "bogus-wandb-mode": (
+        _args("stage=describe", "logger.mode=offline"),
+        {"WANDB_MODE": "bogus"},
+        "WANDB_MODE",
+    ),
+    "online-without-key": (
+        _args("stage=describe", "logger.mode=online"),
+        {"WANDB_API_KEY": "", "NETRC": "/nonexistent/netrc"},
+        "logger.mode=offline",
+    ),
+}
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("probe", sorted(PROBES))
+def test_bad_input_is_one_error_line_and_exit_2(tmp_path: Path, probe: str) -> None:
+    setup, extra_env, says = PROBES[probe]
+    env = dict(os.environ, **extra_env)
+    env.setdefault("ATTNCOMM_CACHE", str(tmp_path / "cache"))
+    env.pop("HYDRA_FULL_ERROR", None)
+    args = [*setup(tmp_path), f"paths.root={tmp_path / 'out'}"]
+    if not any(a.startswith("logger.mode") for a in args):
+        args.append("logger.mode=disabled")
+    out = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run.py"), *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, out.stderr[-3000:]
+    assert says in errors[0], errors[0]

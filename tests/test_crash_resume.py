@@ -1,0 +1,108 @@
+"""A job killed with SIGKILL in the middle of a file write, then run again, leaves exactly the
+artifacts of an uninterrupted run; for every stage that writes files here (omega, trace, unify,
+sparsity). The kill point is deterministic: ``ATTNCOMM_CRASH_AT_WRITE=N`` kills the job between
+writing its N-th temporary file and renaming it into place (see ``attncomm.io.crashpoints``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from attncomm.runtime.config import AppConfig, register_configs
+from attncomm.runtime.registry import run_job
+from tests import models_fixtures as fixtures
+from tests.conftest import REPO_ROOT
+
+#: files whose bytes must match (figures and the manifest carry times and versions)
+COMPARED = (".graphml", ".h5", ".csv", ".parquet", ".json")
+SKIPPED_NAMES = ("manifest.json", "manifest.jsonl")
+
+
+def overrides(stage: str, run_dir: Path) -> list[str]:
+    return [
+        f"stage={stage}",
+        "model=tiny-pythia",
+        "task=ioi",
+        "task.n_prompts=4",
+        "task.batch_size=1",
+        "trace.skip_incorrect=false",
+        "unify.thresholds=[0.0,0.5]",
+        "logger.mode=disabled",
+        f"paths.run_dir={run_dir}",
+        f"paths.root={run_dir.parent / 'root'}",
+        f"paths.cache_dir={fixtures.test_cache_dir()}",
+    ]
+
+
+def in_process(stage: str, run_dir: Path) -> None:
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose(config_name="config", overrides=overrides(stage, run_dir)))
+    assert isinstance(cfg, AppConfig)
+    run_job(cfg)
+
+
+def cli(stage: str, run_dir: Path, crash_at: int | None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, ATTNCOMM_CACHE=str(fixtures.test_cache_dir()))
+    env.pop("ATTNCOMM_CRASH_AT_WRITE", None)
+    if crash_at is not None:
+        env["ATTNCOMM_CRASH_AT_WRITE"] = str(crash_at)
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run.py"), *overrides(stage, run_dir)],
+        cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def artifact_bytes(run_dir: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file()
+        and p.suffix in COMPARED
+        and p.name not in SKIPPED_NAMES
+        and not p.name.startswith(".")
+        and "sparsity" not in p.parts[-2:-1]  # sparsity's meta.json names its run dir
+    } | {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in sorted((run_dir / "sparsity").glob("*"))
+        if p.suffix in (".csv", ".parquet")
+    }
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("crash") / "traced"
+    in_process("trace", run_dir)
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.cli
+@pytest.mark.parametrize(("stage", "crash_at"), [("omega", 2), ("trace", 3), ("unify", 2), ("sparsity", 2)])
+def test_sigkill_mid_write_then_rerun_gives_identical_artifacts(
+    traced: Path, tmp_path: Path, stage: str, crash_at: int
+) -> None:
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    if stage in ("unify", "sparsity"):  # they read a finished trace
+        shutil.copytree(traced, clean)
+        shutil.copytree(traced, killed)
+    in_process(stage, clean)
+    before = artifact_bytes(killed) if killed.exists() else {}
+    crashed = cli(stage, killed, crash_at)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
+    assert artifact_bytes(killed) != artifact_bytes(clean) or before == artifact_bytes(clean)
+    rerun = cli(stage, killed, None)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    want, got = artifact_bytes(clean), artifact_bytes(killed)
+    assert sorted(got) == sorted(want)
+    differing = [name for name in want if want[name] != got[name]]
+    assert not differing, differing
