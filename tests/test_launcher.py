@@ -67,7 +67,11 @@ def test_slurm_launcher_composes_with_documented_defaults() -> None:
     )
     assert cfg.hydra.sweep.dir.startswith("/scratch/acc/hydra/multirun/")
     subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"]
-    assert subdir == "${hydra.job.num}-${model.short_name}-${task.name}-${stage.name}"
+    # oc.select: a job composed without a model or task (``~model``) still gets a name, and a clear error
+    assert (
+        subdir
+        == "${hydra.job.num}-${oc.select:model.short_name,no-model}-${oc.select:task.name,no-task}-${stage.name}"
+    )
 
 
 def test_slurm_launcher_fields_are_overridable() -> None:

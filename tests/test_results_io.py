@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
+from attncomm.errors import AttncommError
 from attncomm.io.results import (
     FiringRecord,
     PromptRecord,
@@ -87,5 +88,5 @@ def test_damaged_part_is_named(tmp_path: Path) -> None:
     (tmp_path / "parts").mkdir()
     bad = tmp_path / "parts" / "3.h5"
     bad.write_bytes(b"not hdf5")
-    with pytest.raises(ValueError, match="damaged tracing part file .*3.h5"):
+    with pytest.raises(AttncommError, match=r"parts/3\.h5 is damaged"):
         read_part(bad)

@@ -19,7 +19,7 @@ from attncomm.core.term_statistics import (
     term_counts,
     with_fraction,
 )
-from attncomm.errors import MissingArtifactError
+from attncomm.errors import AttncommError, MissingArtifactError
 from attncomm.io.results import FiringKey, FiringRecord, PromptRecord, write_results
 from attncomm.runtime.config import AppConfig, ModelConfig, TaskConfig
 from attncomm.runtime.registry import RunContext, get_stage
@@ -242,7 +242,7 @@ def test_results_of_another_model_are_refused(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, model_dir)
     ctx = RunContext.for_tests(cfg, tmp_path / "run")
     _write(ctx)
-    with pytest.raises(ValueError, match="do not belong to this model"):
+    with pytest.raises(AttncommError, match="do not belong to this model"):
         run_sparsity(cfg, ctx)
 
 
