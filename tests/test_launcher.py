@@ -68,10 +68,8 @@ def test_slurm_launcher_composes_with_documented_defaults() -> None:
     assert cfg.hydra.sweep.dir.startswith("/scratch/acc/hydra/multirun/")
     subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"]
     # oc.select: a job composed without a model or task (``~model``) still gets a name, and a clear error
-    assert (
-        subdir
-        == "${hydra.job.num}-${oc.select:model.short_name,no-model}-${oc.select:task.name,no-task}-${stage.name}"
-    )
+    model, task = "${oc.select:model.short_name,no-model}", "${oc.select:task.name,no-task}"
+    assert subdir == f"${{hydra.job.num}}-{model}-{task}-${{stage.name}}"
 
 
 def test_slurm_launcher_fields_are_overridable() -> None:
