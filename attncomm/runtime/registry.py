@@ -213,9 +213,10 @@ class RunContext:
     @cached_property
     def prompts(self) -> TaskPrompts:
         """The task's prompts for this job's N and seed, tokenized by the model's tokenizer."""
+        task = self.task  # first: a prompt file's format errors need no model loaded
         tok = self.model.tokenizer
-        self.task.check_tokenizer(tok)
-        prompts = self.task.make_prompts(
+        task.check_tokenizer(tok)
+        prompts = task.make_prompts(
             tok,
             self.cfg.task.n_prompts,
             self.cfg.task.seed,

@@ -77,6 +77,7 @@ def prompt_file_lines(ctx: RunContext, summary: dict[str, Any]) -> list[str]:
 @register_stage("describe", needs_model=True)
 def run_describe(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     """Load the model and task; summarise architecture, prompts, accuracy and role positions."""
+    _ = ctx.task  # a task that cannot be built (e.g. a bad prompt file) fails before the model loads
     model = ctx.model
     arch = model.describe()
     metric, correct = evaluate_prompts(ctx, max(1, cfg.task.batch_size))
