@@ -245,10 +245,16 @@ def _versions() -> dict[str, str]:
 
 
 def update_manifest(
-    artifacts: RunArtifacts, stage: str, files: list[Path], config: dict[str, Any], extra: Any = None
+    artifacts: RunArtifacts,
+    stage: str,
+    files: list[Path],
+    config: dict[str, Any],
+    extra: Any = None,
+    prompt_file: dict[str, Any] | None = None,
 ) -> None:
     """Journal in the run directory's manifest which stage produced ``files``, with config, versions,
-    git sha and time (see :mod:`attncomm.io.manifest`: one entry per job, never overwritten)."""
+    git sha and time (see :mod:`attncomm.io.manifest`: one entry per job, never overwritten) and, for
+    prompt-file tasks, ``prompt_file``: the rows read, dropped and why."""
     from attncomm.io.manifest import append_entry, job_id
 
     entry = {
@@ -262,4 +268,6 @@ def update_manifest(
     }
     if extra is not None:
         entry["extra"] = dataclasses.asdict(extra) if dataclasses.is_dataclass(extra) else extra
+    if prompt_file is not None:
+        entry["prompt_file"] = prompt_file
     append_entry(artifacts.run_dir, json.loads(json.dumps(entry, default=str)))

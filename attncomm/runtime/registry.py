@@ -204,8 +204,11 @@ class RunContext:
     def from_config(cls, cfg: AppConfig, tracker: Tracker | None = None) -> RunContext:
         """Validate the job's config and resolve its run directory, device and dtype."""
         from attncomm.io.provenance import model_dir_name
+        from attncomm.models.architectures import resolve_model_config
         from attncomm.runtime.validation import validate_config
+        from attncomm.tasks import task_run_name
 
+        cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model))
         validate_config(cfg)
         config_dict = dataclasses.asdict(cfg)
         if cfg.paths.run_dir:
@@ -215,7 +218,7 @@ class RunContext:
             run_dir = run_dir_for(
                 cfg.paths.root,
                 model_dir_name(cfg.paths.root, cfg),  # a model.path checkpoint gets its own folder
-                cfg.task.name,
+                task_run_name(cfg.task),
                 cfg.task.n_prompts,
                 cfg.task.seed,
                 overrides,
@@ -244,7 +247,10 @@ class RunContext:
 
     @property
     def task_name(self) -> str:
-        return self.cfg.task.name
+        """The task's name in artifact names (``file-{stem}`` for ``task=file``)."""
+        from attncomm.tasks import task_run_name
+
+        return task_run_name(self.cfg.task)
 
     @property
     def n_prompts(self) -> int:
@@ -276,10 +282,10 @@ class RunContext:
 
     @cached_property
     def task(self) -> Task:
-        from attncomm.tasks import get_task
+        from attncomm.tasks import get_task, task_kwargs
 
         try:
-            return get_task(self.cfg.task.name, **self.cfg.task.options)
+            return get_task(self.cfg.task.name, **task_kwargs(self.cfg.task))
         except (TypeError, ValueError) as err:
             if isinstance(err, AttncommError):
                 raise
@@ -291,11 +297,12 @@ class RunContext:
     @cached_property
     def prompts(self) -> TaskPrompts:
         """The task's prompts for this job's N and seed, tokenized by the model's tokenizer."""
+        task = self.task  # first: a prompt file's format errors need no model loaded
         tok = self.model.tokenizer
-        self.task.check_tokenizer(tok)
+        task.check_tokenizer(tok)
         tc = self.cfg.task
         try:
-            prompts = self.task.make_prompts(
+            prompts = task.make_prompts(
                 tok, tc.n_prompts, tc.seed, self.cfg.model.prepend_bos, prompt_type=tc.prompt_type
             )
         except (TypeError, ValueError) as err:
@@ -312,11 +319,16 @@ class RunContext:
                 f"{self.cfg.model.name} has a context of n_ctx={n_ctx} tokens; make the prompts shorter "
                 f"(e.g. task.options.seq_len) or use a model with a longer context"
             )
+        report = prompts.extra.get("prompt_file")
+        if report:  # a prompt-file task: rows read / dropped (and why) go to wandb and the manifest
+            self.tracker.summary({f"task_file/{k}": v for k, v in report.items()})
         return prompts
 
     def record(self, stage: str, files: list[Path], extra: Any = None) -> None:
-        """Write the manifest entry of ``stage`` for the files it produced."""
-        update_manifest(self.artifacts, stage, files, self.config_dict, extra)
+        """Write the manifest entry of ``stage`` for the files it produced (with the prompt file's
+        rows read and dropped when this job read one)."""
+        report = self.__dict__["prompts"].extra.get("prompt_file") if "prompts" in self.__dict__ else None
+        update_manifest(self.artifacts, stage, files, self.config_dict, extra, prompt_file=report)
 
 
 def wandb_group(name: str, sweep_dir: str | None) -> str:
@@ -343,7 +355,11 @@ def _hydra_sweep_dir() -> str | None:
 
 def run_job(cfg: AppConfig) -> dict[str, Any]:
     """Run the stage ``cfg.stage.name`` with a wandb run around it; return its summary metrics."""
+    from attncomm.models.architectures import resolve_model_config
+
     spec = get_stage(cfg.stage.name)
+    # model=hf: the short name from model.path / model.hf_name, the family from config.json
+    cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model))
     ctx = RunContext.from_config(cfg)
     config_dict = ctx.config_dict
     logger_cfg = cfg.logger
