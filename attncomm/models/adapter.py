@@ -67,6 +67,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from attncomm.errors import AttncommError
 from attncomm.models.gpt2_tokenizer import save_gpt2_tokenizer
 from attncomm.models.random_models import BUILDERS, build_model_dir
+from attncomm.runtime.cache_root import default_cache_dir
 from attncomm.runtime.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def resolve_model_dir(cfg: ModelConfig, cache_dir: Path | None = None) -> Path |
                 f"model {cfg.name!r}: unknown model.builder={cfg.builder!r}; valid builders: "
                 f"{', '.join(sorted(BUILDERS))}"
             )
-        root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         return build_model_dir(cfg.builder, root)
     if cfg.hf_name:
         return _resolve_hub(cfg)
@@ -181,11 +182,6 @@ def resolve_model_dir(cfg: ModelConfig, cache_dir: Path | None = None) -> Path |
         f"model {cfg.name!r} names no weights: set model.path (local HF dir), model.builder "
         f"({', '.join(sorted(BUILDERS))}) or model.hf_name"
     )
-
-
-def _default_cache_dir() -> Path:
-    """attncomm's cache root when the caller gives none (ATTNCOMM_CACHE, else ~/.cache/attncomm)."""
-    return Path(os.environ.get("ATTNCOMM_CACHE", "~/.cache/attncomm")).expanduser()
 
 
 def _resolve_hub(cfg: ModelConfig) -> Path | str:
@@ -267,7 +263,7 @@ def load_model(
     from transformer_lens.model_bridge import TransformerBridge
 
     source = resolve_model_dir(cfg, cache_dir)
-    root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     tokenizer = _load_tokenizer(cfg, source, root)
     try:
         revision = cfg.revision if isinstance(source, str) else None  # a local dir has no revisions
