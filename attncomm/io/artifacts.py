@@ -101,6 +101,10 @@ def run_dir_for(
     return Path(root) / model / task / name
 
 
+#: glob of every standard run directory below an artifact root (the three levels of :func:`run_dir_for`)
+RUN_DIR_GLOB = "*/*/*"
+
+
 @dataclass(frozen=True)
 class RunArtifacts:
     """Every artifact path of one model/task/setting run directory (published names)."""
@@ -133,9 +137,16 @@ class RunArtifacts:
     def tracing_results_dir(self) -> Path:
         return self.run_dir / "tracing_results"
 
+    def _tracing_results_name(self, suffix: str) -> str:
+        return f"{self.prefix}_{self.seed}{suffix}.h5"
+
     def tracing_results(self, shard: int | None = None) -> Path:
         suffix = "" if shard is None else f"_shard{shard}"
-        return self.tracing_results_dir / f"{self.prefix}_{self.seed}{suffix}.h5"
+        return self.tracing_results_dir / self._tracing_results_name(suffix)
+
+    def tracing_result_shards(self) -> list[Path]:
+        """The shard files of :meth:`tracing_results` that exist, sorted by name."""
+        return sorted(self.tracing_results_dir.glob(self._tracing_results_name("_shard*")))
 
     @property
     def combined_graphs_dir(self) -> Path:
