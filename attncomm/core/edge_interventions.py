@@ -64,6 +64,7 @@ __all__ = [
     "EdgeWork",
     "Removal",
     "edge_sites",
+    "full_basis",
     "head_space_delta",
     "intervention_graph",
     "needed_hooks",
@@ -166,6 +167,26 @@ def selected_basis(
     ``memo`` (optional) keeps the full ``U`` / ``V`` per ``(layer, head, delta, side)`` across calls,
     on ``device`` (default: the cache's).
     """
+    basis = full_basis(omega, layer, head, delta, side, memo, device)
+    index = torch.as_tensor(list(terms), dtype=torch.long, device=basis.device)
+    return basis[:, index]
+
+
+def full_basis(
+    omega: OmegaCache,
+    layer: int,
+    head: int,
+    delta: int,
+    side: str,
+    memo: dict[tuple[int, int, int, str], Tensor] | None = None,
+    device: torch.device | str | None = None,
+) -> Float[Tensor, "d_model rank"]:
+    """All singular vectors ``U`` of ``Omega_d(delta)`` (side ``d``) or ``V`` of ``Omega_s(delta)`` (side
+    ``s``) of head ``(layer, head)``, moved to ``device`` (default: the cache's).
+
+    ``memo`` (optional) keeps them per ``(layer, head, delta, side)`` across calls (``delta`` 0 for
+    non-rotary models, whose Omega does not depend on it); a memoized basis is returned as stored.
+    """
     key = (layer, head, delta if omega.rotary else 0, side)
     basis = None if memo is None else memo.get(key)
     if basis is None:
@@ -175,8 +196,7 @@ def selected_basis(
             basis = basis.to(device)
         if memo is not None:
             memo[key] = basis
-    index = torch.as_tensor(list(terms), dtype=torch.long, device=basis.device)
-    return basis[:, index]
+    return basis
 
 
 def removal_vector(

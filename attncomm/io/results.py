@@ -27,6 +27,7 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
+from attncomm.errors import AttncommError
 from attncomm.io.artifacts import RunArtifacts, atomic_path
 
 logger = logging.getLogger(__name__)
@@ -287,3 +288,37 @@ def result_files(arts: RunArtifacts) -> list[Path]:
         return shards
     arts.require(merged, "tracing_results")
     return [merged]  # unreachable: require raised
+
+
+# ----------------------------------------------------------------------------- selected terms
+
+
+class MissingFiringError(AttncommError, KeyError):
+    """A graph edge whose downstream firing has no record in the tracing results."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class SelectedTerms:
+    """``terms(firing, side)`` from a tracing result file, loaded one prompt at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._results = TracingResults(path)
+        self._by_prompt: dict[int, dict[FiringKey, tuple[list[int], list[int]]]] = {}
+
+    def __call__(self, key: FiringKey, side: str) -> list[int]:
+        prompt = int(key[0])
+        if prompt not in self._by_prompt:
+            self._by_prompt[prompt] = {
+                k: (rec.dest_terms.tolist(), rec.src_terms.tolist())
+                for k, rec in self._results.firings(prompt).items()
+            }
+        firing = self._by_prompt[prompt].get(tuple(int(k) for k in key))  # type: ignore[arg-type]
+        if firing is None:
+            raise MissingFiringError(
+                f"{self.path} holds no firing (prompt, layer, head, dest, src) = {key}: the combined graph "
+                "and the tracing results come from different runs; re-run stage=trace then stage=unify"
+            )
+        return firing[0] if side == "d" else firing[1]

@@ -45,7 +45,6 @@ from attncomm.io.circuits_data import (
 )
 from attncomm.runtime.config import AppConfig
 from attncomm.runtime.registry import RunContext, register_stage
-from attncomm.stages.interventions import load_intervention_inputs
 from attncomm.viz.plots import experiment_attention_boxes, experiment_effect_boxes, save_figure
 
 log = logging.getLogger(__name__)
@@ -96,6 +95,8 @@ def _metrics(result: ExperimentResult, summary: pd.DataFrame) -> dict[str, Any]:
 )
 def run_experiments_stage(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     """Intervention experiments: remove/boost chosen edges' signals, selected or random terms (section 9)."""
+    from attncomm.methods.intervention_inputs import load_intervention_inputs
+
     ec = cfg.experiments
     arts = ctx.artifacts
     edges = chosen_edges(cfg, ctx.model_short, ctx.task_name)
