@@ -79,6 +79,7 @@ from attncomm.core.edge_interventions import (
     InterventionModel,
     Removal,
     TermsLookup,
+    cached_runs,
     edge_sites,
     full_basis,
     head_space_delta,
@@ -516,9 +517,15 @@ def clean_runs(units: Sequence[ExperimentUnit], run: ExperimentRun) -> CleanRuns
     attn_before = np.full((len(units), n_prompts), np.nan)
     x_clean: dict[tuple[int, int], Tensor] = {}  # (unit, prompt) -> x at the intervened position
     removals: dict[tuple[int, int, int], tuple[Tensor, Removal]] = {}  # (unit, op, prompt)
-    chunks = [list(range(a, min(n_prompts, a + batch_size))) for a in range(0, n_prompts, batch_size)]
-    for ids in tqdm(chunks, desc="experiments: clean runs", leave=False, disable=not run.progress):
-        logits, cache = model.run_with_cache(run.tokens[ids], names)
+    for ids, logits, cache in cached_runs(
+        model,
+        run.tokens,
+        range(n_prompts),
+        names,
+        batch_size,
+        desc="experiments: clean runs",
+        progress=run.progress,
+    ):
         before[ids] = run.metric(logits, ids).detach().to("cpu", torch.float64).numpy()
         for j, unit in enumerate(units):
             layer, head = int(unit.edge.downstream[0]), int(unit.edge.downstream[1])

@@ -63,6 +63,8 @@ __all__ = [
     "EdgeSite",
     "EdgeWork",
     "Removal",
+    "batch_ranges",
+    "cached_runs",
     "edge_sites",
     "full_basis",
     "head_space_delta",
@@ -444,9 +446,31 @@ def site_removal(
     return vec, Removal(layer, head, site.side, where, delta)
 
 
-def _chunks(n: int, size: int) -> Iterator[range]:
+def batch_ranges(n: int, size: int) -> Iterator[range]:
+    """``range(0, size)``, ``range(size, 2 size)``, ... covering ``0..n-1`` (the last one shorter)."""
     for start in range(0, n, size):
         yield range(start, min(n, start + size))
+
+
+def cached_runs(
+    model: InterventionModel,
+    tokens: Int[Tensor, "batch pos"],
+    prompts: Sequence[int],
+    names: Sequence[str],
+    batch_size: int,
+    *,
+    desc: str,
+    progress: bool = True,
+) -> Iterator[tuple[list[int], Tensor, dict[str, Tensor]]]:
+    """Clean runs of ``prompts`` (rows of ``tokens``) in batches of ``batch_size``, caching ``names``.
+
+    Yields ``(ids, logits, cache)`` per batch, ``ids`` the batch's prompts in order; nothing is kept
+    between batches.
+    """
+    chunks = list(batch_ranges(len(prompts), batch_size))
+    for chunk in tqdm(chunks, desc=desc, leave=False, disable=not progress):
+        ids = [prompts[c] for c in chunk]
+        yield (ids, *model.run_with_cache(tokens[ids], names))
 
 
 def intervention_graph(
@@ -486,11 +510,9 @@ def intervention_graph(
     removals: dict[tuple[int, int], Removal] = {}
     names = needed_hooks(model)
     memo: dict[tuple[int, int, int, str], Tensor] = {}
-    for chunk in tqdm(
-        list(_chunks(len(prompts), batch_size)), desc="clean runs", leave=False, disable=not progress
+    for ids, logits, cache in cached_runs(
+        model, tokens, prompts, names, batch_size, desc="clean runs", progress=progress
     ):
-        ids = [prompts[c] for c in chunk]
-        logits, cache = model.run_with_cache(tokens[ids], names)
         for row, value in enumerate(metric(logits, ids).tolist()):
             before[ids[row]] = float(value)
         for row, p in enumerate(ids):
@@ -504,7 +526,7 @@ def intervention_graph(
     done_sites = [0] * len(work)
     with tqdm(total=len(work), desc="interventions", unit="edge", disable=not progress) as bar:
         bar.update(sum(1 for w in work if not w.sites))
-        for chunk in _chunks(len(flat), batch_size):
+        for chunk in batch_ranges(len(flat), batch_size):
             pairs = [flat[c] for c in chunk]
             ids = [work[i].sites[j].prompt for i, j in pairs]
             hooks = removal_hooks(model, [removals[pair] for pair in pairs], sign)

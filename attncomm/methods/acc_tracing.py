@@ -10,8 +10,10 @@ weights if none is given, and reusable across calls).
 :func:`collect_signals` runs the model the same way for the control-signal analysis (section 9): every
 firing of every layer passing the attention and destination filters, decomposed as the tracer does,
 with its source signal ``P_V x_s``. Both drive the model through :func:`cached_batches`, and the hooks
-they read are named once (:func:`needed_hooks`, :func:`signal_hooks`); the clean runs of the edge
-interventions read :func:`attncomm.core.edge_interventions.needed_hooks`, a subset of the tracer's.
+they read are named once (:func:`needed_hooks`, :func:`signal_hooks`). The edge interventions and
+experiments run the model through the same batching
+(:func:`attncomm.core.edge_interventions.batch_ranges`, ``cached_runs``) and read
+:func:`attncomm.core.edge_interventions.needed_hooks`, a subset of the tracer's hooks.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from attncomm.core.contributions import PromptWrites, head_value_writes
+from attncomm.core.edge_interventions import batch_ranges
 from attncomm.core.edge_interventions import needed_hooks as write_hooks
 from attncomm.core.omega_factors import OmegaCache
 from attncomm.core.prompt_graph import FiringResult, PromptTensors, trace_prompt
@@ -110,8 +113,8 @@ def cached_batches(
     :class:`~attncomm.tasks.base.TaskPrompts`, and the outputs of a run on its tokens cut to its longest
     prompt. Nothing is kept between batches (drop ``logits`` and ``cache`` to free them).
     """
-    for start in range(0, len(prompts), batch_size):
-        rows = list(range(start, min(len(prompts), start + batch_size)))
+    for batch in batch_ranges(len(prompts), batch_size):
+        rows = list(batch)
         sub = prompts.subset(rows)
         width = int(sub.lengths.max())
         yield (rows, sub, *model.run_with_cache(sub.tokens[:, :width], names))
