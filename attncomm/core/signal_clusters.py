@@ -48,6 +48,7 @@ from torch import Tensor
 
 from attncomm.core.decompose import decompose_firings, layer_inputs, selection_mask
 from attncomm.core.omega_factors import OmegaCache
+from attncomm.core.term_statistics import head_grid
 
 logger = logging.getLogger(__name__)
 
@@ -389,8 +390,7 @@ def analyse_signals(
     control = head_control(
         df["layer"].to_numpy(), df["head"].to_numpy(), unit, sink, max_distance=controlled_max_distance
     )
-    L = n_layers if n_layers is not None else (int(df["layer"].max()) + 1 if len(df) else 0)
-    H = n_heads if n_heads is not None else (int(df["head"].max()) + 1 if len(df) else 0)
+    L, H = head_grid(df, n_layers, n_heads)
     grouped = df.groupby(["layer", "head"])
     n_fire = grouped.size().to_dict()
     n_dom = grouped["in_dominant"].sum().to_dict() if len(df) else {}

@@ -36,6 +36,7 @@ from attncomm.core.term_statistics import (
     SIDES,
     head_density,
     head_density_table,
+    head_grid,
     histogram,
     summary,
     term_counts_from_lengths,
@@ -110,8 +111,7 @@ def run_sparsity(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     n_heads = n_heads or lengths.n_heads
     df, untraced = term_counts_from_lengths(rows)
     df = with_fraction(df, d_head)
-    n_layers = n_layers or (int(df["layer"].max()) + 1 if len(df) else 0)
-    n_heads = n_heads or (int(df["head"].max()) + 1 if len(df) else 0)
+    n_layers, n_heads = head_grid(df, n_layers or None, n_heads or None)
     model, task = ctx.model_short, ctx.task_name
     log.info(
         "sparsity: %d firings (%d traced dest sides, %d traced source sides) from %s; d_head=%d (%s)",
