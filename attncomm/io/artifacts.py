@@ -119,8 +119,13 @@ class RunArtifacts:
     prune_variant: str = ""
 
     @property
+    def stem(self) -> str:
+        """``{model}_{task}``: the start of every per-run file name that does not carry ``n{N}``."""
+        return f"{self.model}_{self.task}"
+
+    @property
     def prefix(self) -> str:
-        return f"{self.model}_{self.task}_n{self.n}"
+        return f"{self.stem}_n{self.n}"
 
     @property
     def omega_dir(self) -> Path:
@@ -172,11 +177,11 @@ class RunArtifacts:
         return self.run_dir / f"circuit_comparison{self.prune_variant}"
 
     def comparison_csv(self, th: float) -> Path:
-        return self.comparison_dir / f"{self.model}_{self.task}_{format_threshold(th)}.csv"
+        return self.comparison_dir / f"{self.stem}_{format_threshold(th)}.csv"
 
     @property
     def intervention_data(self) -> Path:
-        return self.run_dir / "intervention_data" / f"{self.model}_{self.task}.parquet"
+        return self.run_dir / "intervention_data" / f"{self.stem}.parquet"
 
     def stage_dir(self, name: str) -> Path:
         """Directory for a stage's own outputs (``control_signals/``, ``sparsity/``, ``export/``)."""

@@ -109,7 +109,7 @@ def run_control_signals(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
         n_heads=model.arch.n_heads,
     )
     model_name, task = ctx.model_short, ctx.task_name
-    stem = f"{model_name}_{task}"
+    stem = ctx.artifacts.stem
     summary = {"model": model_name, "task": task, "prompts": str(ids), "rotary": rotary} | res.summary
     log.info(
         "control signals: %d firings (%d untraceable left out), %d clusters; dominant %s of size %s, "

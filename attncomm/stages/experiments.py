@@ -126,7 +126,7 @@ def run_experiments_stage(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
         graph_name=source.name,
     )
     summary = summarize(result)
-    stem = f"{ctx.model_short}_{ctx.task_name}"
+    stem = arts.stem
     path = write_table(result.table, arts.intervention_data)
     summary_path = write_table(summary, arts.intervention_data.with_name(f"{stem}_summary.csv"))
     written = [path, summary_path]

@@ -124,7 +124,7 @@ def run_sparsity(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     )
 
     out = arts.stage_dir("sparsity")
-    stem = f"{model}_{task}"
+    stem = arts.stem
     table = df.assign(model=model, task=task, d_head=d_head)
     summ = summary(df, untraced).assign(model=model, task=task, d_head=d_head)
     hist = histogram(df, d_head)
