@@ -77,7 +77,9 @@ from tqdm.auto import tqdm
 from attncomm.core.edge_interventions import (
     EdgeSite,
     InterventionModel,
+    LabelPositions,
     Removal,
+    TaskMetric,
     TermsLookup,
     cached_runs,
     edge_sites,
@@ -390,7 +392,7 @@ def _resolve_units(
     G: nx.MultiDiGraph,
     edges: Sequence[ExperimentEdge],
     groups: Sequence[str],
-    positions: Sequence[Mapping[str, int]] | Mapping[int, Mapping[str, int]],
+    positions: LabelPositions,
     graph_name: str,
 ) -> tuple[list[ExperimentUnit], list[list[int]]]:
     units: list[ExperimentUnit] = []
@@ -464,8 +466,8 @@ class ExperimentRun:
 
     model: InterventionModel
     tokens: Int[Tensor, "batch pos"]
-    metric: Callable[[Tensor, Sequence[int]], Float[Tensor, " batch"]]
-    positions: Sequence[Mapping[str, int]] | Mapping[int, Mapping[str, int]]
+    metric: TaskMetric
+    positions: LabelPositions
     omega: OmegaCache
     batch_size: int = 16
     progress: bool = True
@@ -663,8 +665,8 @@ def run_experiments(
     edges: Sequence[ExperimentEdge],
     model: InterventionModel,
     tokens: Int[Tensor, "batch pos"],
-    metric: Callable[[Tensor, Sequence[int]], Float[Tensor, " batch"]],
-    positions: Sequence[Mapping[str, int]] | Mapping[int, Mapping[str, int]],
+    metric: TaskMetric,
+    positions: LabelPositions,
     terms: TermsLookup,
     omega: OmegaCache,
     *,

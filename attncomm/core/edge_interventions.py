@@ -79,6 +79,10 @@ __all__ = [
 
 #: ``terms(firing_key, side)`` -> the selected singular terms of that side of a traced firing
 TermsLookup = Callable[[tuple[int, int, int, int, int], str], Sequence[int]]
+#: ``metric(logits, prompt_ids)`` -> the task metric of those prompts (logits of the batch in that order)
+TaskMetric = Callable[[Tensor, Sequence[int]], Float[Tensor, " batch"]]
+#: ``positions[p]`` -> label -> position in prompt ``p`` (role labels or token labels)
+LabelPositions = Sequence[Mapping[str, int]] | Mapping[int, Mapping[str, int]]
 
 HookFn = Callable[[Tensor, Any], Tensor | None]
 
@@ -389,9 +393,7 @@ def _position(positions: Mapping[str, int], label: str, prompt: int, node: NodeI
     return positions[label]
 
 
-def edge_sites(
-    G: nx.MultiDiGraph, positions: Sequence[Mapping[str, int]] | Mapping[int, Mapping[str, int]]
-) -> list[EdgeWork]:
+def edge_sites(G: nx.MultiDiGraph, positions: LabelPositions) -> list[EdgeWork]:
     """Every non-root edge of ``G`` with the positions of its sites in each prompt it appeared in.
 
     ``positions[p]`` maps a label to its position in prompt ``p`` (role labels or token labels). The
@@ -477,8 +479,8 @@ def intervention_graph(
     G: nx.MultiDiGraph,
     model: InterventionModel,
     tokens: Int[Tensor, "batch pos"],
-    metric: Callable[[Tensor, Sequence[int]], Float[Tensor, " batch"]],
-    positions: Sequence[Mapping[str, int]] | Mapping[int, Mapping[str, int]],
+    metric: TaskMetric,
+    positions: LabelPositions,
     terms: TermsLookup,
     omega: OmegaCache,
     batch_size: int = 16,

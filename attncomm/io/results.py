@@ -13,6 +13,11 @@ Dataset names are the published ones (ACC-METHOD.md section 4.5), one per firing
 shape ``(l, H+2, d+1)`` (layer, component, source token; component ``0..H-1`` heads, ``H`` MLP,
 ``H+1`` AH bias; the Embedding term is not stored). A ``prompts`` table records every prompt's
 status (traced, or why it was skipped) and firing count. No pickle anywhere.
+
+Readers for later stages: :class:`TracingResults` (prompt table, per-firing records),
+:func:`read_term_lengths` (selected-term counts and the head count from dataset shapes alone, for
+``sparsity``), :func:`result_files` (merged file, else shards) and :class:`SelectedTerms` (the
+``terms(firing, side)`` lookup of the intervention stages).
 """
 
 from __future__ import annotations
@@ -223,7 +228,7 @@ class TracingResults:
         with h5py.File(self.path, "r") as f:
             names = _firing_names(f)
             if prompt is not None:
-                names = [n for n in names if n.split("_(", 1)[1].startswith(f"{prompt},")]
+                names = [n for n in names if parse_dataset_name(n)[1][0] == prompt]
             return _read_firings(f, names)
 
     def iter_keys(self) -> Iterator[FiringKey]:
