@@ -1,4 +1,4 @@
-"""In-memory ACC tracing driver: run a model on task prompts and trace each prompt (no file I/O).
+"""ACC's model runner, in memory: run a model on task prompts, trace each prompt or collect its signals.
 
 :func:`trace_prompts` runs the :class:`~attncomm.models.adapter.ModelAdapter` on the prompts in batches,
 caching only the hooks the maths reads (``ln1`` normalized input and scale, attention pattern, values,
