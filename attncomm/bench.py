@@ -11,27 +11,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import resource
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from attncomm.methods.acc_tracing import build_omega_cache, trace_prompts
 from attncomm.models.adapter import load_model
+from attncomm.runtime.cache_root import default_cache_dir
 from attncomm.runtime.config import ModelConfig
 from attncomm.tasks import get_task
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def _cache_dir() -> Path:
-    """``$ATTNCOMM_CACHE`` or ``~/.cache/attncomm``."""
-    return Path(os.environ.get("ATTNCOMM_CACHE", "~/.cache/attncomm")).expanduser()
 
 
 def _peak_rss_mb() -> float:
@@ -51,7 +45,7 @@ def bench_trace(
         tokenizer="gpt2-offline",
     )
     t0 = time.perf_counter()
-    model = load_model(cfg, device="cpu", dtype=dtype, cache_dir=_cache_dir())
+    model = load_model(cfg, device="cpu", dtype=dtype, cache_dir=default_cache_dir())
     load_s = time.perf_counter() - t0
     task = get_task(task_name)
     prompts = task.make_prompts(model.tokenizer, n_prompts, seed=seed, prepend_bos=cfg.prepend_bos)

@@ -77,9 +77,13 @@ from tqdm.auto import tqdm
 from attncomm.core.edge_interventions import (
     EdgeSite,
     InterventionModel,
+    LabelPositions,
     Removal,
+    TaskMetric,
     TermsLookup,
+    cached_runs,
     edge_sites,
+    full_basis,
     head_space_delta,
     needed_hooks,
     removal_hooks,
@@ -95,14 +99,21 @@ log = logging.getLogger(__name__)
 __all__ = [
     "COLUMNS",
     "OPERATIONS",
+    "CleanRuns",
     "ExperimentEdge",
     "ExperimentEdgeError",
     "ExperimentResult",
+    "ExperimentRun",
+    "ExperimentUnit",
     "Operation",
+    "clean_runs",
     "draw_random_terms",
     "edge_string",
+    "experiment_records",
     "group_labels",
+    "intervened_runs",
     "parse_experiment_edges",
+    "plan_terms",
     "random_complement_terms",
     "run_experiments",
     "signed_removal",
@@ -319,7 +330,7 @@ def signed_removal(
 
 
 @dataclass
-class _Unit:
+class ExperimentUnit:
     """One (edge, key) of the graph chosen for the experiments, with its per-prompt sites."""
 
     index: int  # position in the chosen-edge list
@@ -348,28 +359,6 @@ class ExperimentResult:
     @property
     def missing(self) -> list[ExperimentEdge]:
         return [e for e, k in zip(self.edges, self.keys, strict=True) if not k]
-
-
-def _basis_memo_key(omega: OmegaCache, layer: int, head: int, delta: int, side: str) -> tuple:
-    return (layer, head, delta if omega.rotary else 0, side)
-
-
-def _full_basis(
-    omega: OmegaCache,
-    layer: int,
-    head: int,
-    delta: int,
-    side: str,
-    memo: dict[tuple, Tensor],
-) -> Float[Tensor, "d_model rank"]:
-    """All singular vectors ``U`` (side ``d``) or ``V`` (side ``s``) of the head's Omega at ``delta``."""
-    key = _basis_memo_key(omega, layer, head, delta, side)
-    basis = memo.get(key)
-    if basis is None:
-        U, _, V = omega.get(layer, head, delta, side)
-        basis = U if side == "d" else V
-        memo[key] = basis
-    return basis
 
 
 def draw_random_terms(
@@ -403,10 +392,10 @@ def _resolve_units(
     G: nx.MultiDiGraph,
     edges: Sequence[ExperimentEdge],
     groups: Sequence[str],
-    positions: Sequence[Mapping[str, int]] | Mapping[int, Mapping[str, int]],
+    positions: LabelPositions,
     graph_name: str,
-) -> tuple[list[_Unit], list[list[int]]]:
-    units: list[_Unit] = []
+) -> tuple[list[ExperimentUnit], list[list[int]]]:
+    units: list[ExperimentUnit] = []
     keys_found: list[list[int]] = []
     for i, e in enumerate(edges):
         u, v = e.upstream, e.downstream
@@ -434,7 +423,7 @@ def _resolve_units(
             sub.add_edge(u, v, key=key, **data)
             (work,) = edge_sites(sub, positions)
             units.append(
-                _Unit(
+                ExperimentUnit(
                     index=i,
                     edge=e,
                     group=groups[i],
@@ -456,7 +445,7 @@ def _capture(store: dict[int, Tensor], layer: int) -> Callable[[Tensor, Any], No
     return keep
 
 
-def _downstream_positions(unit: _Unit, positions: Mapping[str, int]) -> tuple[int, int, int] | None:
+def _downstream_positions(unit: ExperimentUnit, positions: Mapping[str, int]) -> tuple[int, int, int] | None:
     """``(d, s, intervened position)`` of the unit's downstream head in one prompt (None: labels absent)."""
     v = unit.edge.downstream
     if v[2] not in positions or v[3] not in positions:
@@ -465,44 +454,54 @@ def _downstream_positions(unit: _Unit, positions: Mapping[str, int]) -> tuple[in
     return d, s, d if unit.side == "d" else s
 
 
-def run_experiments(
-    G: nx.MultiDiGraph,
-    edges: Sequence[ExperimentEdge],
-    model: InterventionModel,
-    tokens: Int[Tensor, "batch pos"],
-    metric: Callable[[Tensor, Sequence[int]], Float[Tensor, " batch"]],
-    positions: Sequence[Mapping[str, int]] | Mapping[int, Mapping[str, int]],
-    terms: TermsLookup,
-    omega: OmegaCache,
-    *,
-    seed: int = 0,
-    model_name: str = "",
-    batch_size: int = 16,
-    graph_name: str = "",
-    progress: bool = True,
-) -> ExperimentResult:
-    """The four operations on each chosen edge in every prompt it appeared in; the table of all prompts.
+@dataclass
+class ExperimentRun:
+    """The model side of one experiment call, shared by its phases.
 
-    ``G`` is the combined graph (published: threshold 0.7); ``tokens[p]`` prompt ``p``'s tokens (all
-    ``N = len(tokens)`` prompts get rows); ``metric(logits, prompt_ids)`` the task metric;
-    ``positions[p]`` label -> position; ``terms(firing, side)`` the firing's selected terms; ``seed``
-    the one random generator's seed (draw order in the module docstring). An edge not in ``G`` is
-    logged as a warning and gets no rows.
+    ``tokens[p]`` prompt ``p``'s tokens (all ``N = len(tokens)`` prompts get rows); ``metric(logits,
+    prompt_ids)`` the task metric; ``positions[p]`` label -> position; ``batch_size`` rows per forward
+    pass; ``memo`` the full singular bases per ``(layer, head, delta, side)`` (see
+    :func:`~attncomm.core.edge_interventions.full_basis`).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
-    n_prompts = int(tokens.shape[0])
-    groups = group_labels(edges)
-    units, keys_found = _resolve_units(G, edges, groups, positions, graph_name)
-    center = model.arch.normalization != "RMS"
-    memo: dict[tuple, Tensor] = {}
 
-    # 1. selected terms and ranks (no activations needed), then every random draw, in order
+    model: InterventionModel
+    tokens: Int[Tensor, "batch pos"]
+    metric: TaskMetric
+    positions: LabelPositions
+    omega: OmegaCache
+    batch_size: int = 16
+    progress: bool = True
+    memo: dict[tuple[int, int, int, str], Tensor] = field(default_factory=dict)
+
+    @property
+    def n_prompts(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def center(self) -> bool:
+        """Whether removal vectors are centred over ``d_model`` (LayerNorm models, not RMSNorm)."""
+        return self.model.arch.normalization != "RMS"
+
+
+@dataclass
+class CleanRuns:
+    """Phase 2's measurements: per prompt the clean metric, per (unit, prompt) the downstream attention
+    ``A[d, s]`` and head input ``x`` at the intervened position, per (unit, op, prompt) the signed removal."""
+
+    before: np.ndarray  # [prompt]
+    attn_before: np.ndarray  # [unit, prompt]
+    x_clean: dict[tuple[int, int], Tensor]
+    removals: dict[tuple[int, int, int], tuple[Tensor, Removal]]
+
+
+def plan_terms(units: Sequence[ExperimentUnit], terms: TermsLookup, run: ExperimentRun, seed: int) -> None:
+    """Phase 1: each unit's selected terms and ranks per prompt (no activations needed), then every
+    random draw in the documented order, and the terms each (operation, prompt) uses (``unit.used``)."""
     for unit in units:
         for p, site in sorted(unit.sites.items()):
             _, layer, head, d, s = site.firing
             unit.selected[p] = [int(k) for k in terms(site.firing, site.side)]
-            unit.ranks[p] = int(_full_basis(omega, layer, head, d - s, site.side, memo).shape[1])
+            unit.ranks[p] = int(full_basis(run.omega, layer, head, d - s, site.side, run.memo).shape[1])
     rng = np.random.RandomState(seed)
     draws = draw_random_terms([u.selected for u in units], [u.ranks for u in units], rng)
     for unit, drawn in zip(units, draws, strict=True):
@@ -510,32 +509,30 @@ def run_experiments(
             for p, sel in unit.selected.items():
                 if sel:
                     unit.used[(i, p)] = drawn[(i, p)] if op.random else sel
-    n_sites = sum(len(u.used) for u in units)
-    log.info(
-        "experiments: %d chosen edges (%d found as %d graph edges), %d (edge, operation, prompt) "
-        "interventions over %d prompts, seed %d",
-        len(edges),
-        sum(1 for k in keys_found if k),
-        len(units),
-        n_sites,
-        n_prompts,
-        seed,
-    )
 
-    # 2. clean runs over all prompts: metric, A[d, s], head input x and every signed removal
+
+def clean_runs(units: Sequence[ExperimentUnit], run: ExperimentRun) -> CleanRuns:
+    """Phase 2: clean runs over all prompts: metric, ``A[d, s]``, head input ``x``, every signed removal."""
+    model, n_prompts, batch_size = run.model, run.n_prompts, run.batch_size
     names = needed_hooks(model) + sorted({model.ln1_normalized(u.edge.downstream[0]) for u in units})
     before = np.full(n_prompts, np.nan)
     attn_before = np.full((len(units), n_prompts), np.nan)
     x_clean: dict[tuple[int, int], Tensor] = {}  # (unit, prompt) -> x at the intervened position
     removals: dict[tuple[int, int, int], tuple[Tensor, Removal]] = {}  # (unit, op, prompt)
-    chunks = [list(range(a, min(n_prompts, a + batch_size))) for a in range(0, n_prompts, batch_size)]
-    for ids in tqdm(chunks, desc="experiments: clean runs", leave=False, disable=not progress):
-        logits, cache = model.run_with_cache(tokens[ids], names)
-        before[ids] = metric(logits, ids).detach().to("cpu", torch.float64).numpy()
+    for ids, logits, cache in cached_runs(
+        model,
+        run.tokens,
+        range(n_prompts),
+        names,
+        batch_size,
+        desc="experiments: clean runs",
+        progress=run.progress,
+    ):
+        before[ids] = run.metric(logits, ids).detach().to("cpu", torch.float64).numpy()
         for j, unit in enumerate(units):
             layer, head = int(unit.edge.downstream[0]), int(unit.edge.downstream[1])
             for row, p in enumerate(ids):
-                where = _downstream_positions(unit, positions[p])
+                where = _downstream_positions(unit, run.positions[p])
                 if where is None:
                     continue
                 d, s, pos = where
@@ -546,7 +543,7 @@ def run_experiments(
                     continue
                 up_layer, component = int(site.upstream[0]), site.upstream[1]
                 write = upstream_write(cache, model, up_layer, component, site.t, site.t_src, row)
-                full = _full_basis(omega, layer, head, d - s, unit.side, memo).to(write.device)
+                full = full_basis(run.omega, layer, head, d - s, unit.side, run.memo).to(write.device)
                 scale = cache[model.ln1_scale(layer)][row, pos, 0].to(full.dtype)
                 for i, op in enumerate(OPERATIONS):
                     used = unit.used[(i, p)]
@@ -555,7 +552,7 @@ def run_experiments(
                         write,
                         basis,
                         scale,
-                        center=center,
+                        center=run.center,
                         model=model,
                         layer=layer,
                         head=head,
@@ -564,29 +561,36 @@ def run_experiments(
                         sign=op.sign,
                     )
         del cache
+    return CleanRuns(before, attn_before, x_clean, removals)
 
-    # 3. intervened runs, one (unit, operation, prompt) per batch row
-    flat = sorted(removals)
+
+def intervened_runs(
+    units: Sequence[ExperimentUnit], run: ExperimentRun, clean: CleanRuns
+) -> tuple[dict[tuple[int, int, int], float], dict[tuple[int, int, int], float]]:
+    """Phase 3: intervened runs, one (unit, operation, prompt) per batch row; the metric and the
+    downstream ``A[d, s]`` after, keyed by ``(unit, op, prompt)``."""
+    model, batch_size = run.model, run.batch_size
+    flat = sorted(clean.removals)
     after: dict[tuple[int, int, int], float] = {}
     attn_after: dict[tuple[int, int, int], float] = {}
     with tqdm(
-        total=len(units) * len(OPERATIONS), desc="experiments", unit="edge x op", disable=not progress
+        total=len(units) * len(OPERATIONS), desc="experiments", unit="edge x op", disable=not run.progress
     ) as bar:
         left = Counter((j, i) for j, i, _ in flat)
         bar.update(len(units) * len(OPERATIONS) - len(left))
         for start in range(0, len(flat), batch_size):
             rows = flat[start : start + batch_size]
             ids = [p for _, _, p in rows]
-            hooks = removal_hooks(model, [removals[r][1] for r in rows], sign=1.0)
+            hooks = removal_hooks(model, [clean.removals[r][1] for r in rows], sign=1.0)
             captured: dict[int, Tensor] = {}
             for layer in sorted({int(units[j].edge.downstream[0]) for j, _, _ in rows}):
                 hooks.append((model.pattern(layer), _capture(captured, layer)))
-            logits = model.run_with_hooks(tokens[ids], hooks)
-            values = metric(logits, ids).detach().to("cpu", torch.float64).tolist()
+            logits = model.run_with_hooks(run.tokens[ids], hooks)
+            values = run.metric(logits, ids).detach().to("cpu", torch.float64).tolist()
             for b, (r, value) in enumerate(zip(rows, values, strict=True)):
                 j, _, p = r
                 unit = units[j]
-                d, s, _ = _downstream_positions(unit, positions[p])  # type: ignore[misc]
+                d, s, _ = _downstream_positions(unit, run.positions[p])  # type: ignore[misc]
                 after[r] = float(value)
                 attn_after[r] = float(
                     captured[int(unit.edge.downstream[0])][b, int(unit.edge.downstream[1]), d, s]
@@ -594,8 +598,18 @@ def run_experiments(
                 left[(j, r[1])] -= 1
                 if left[(j, r[1])] == 0:
                     bar.update(1)
+    return after, attn_after
 
-    # 4. the table: edge x operation x prompt, all prompts
+
+def experiment_records(
+    units: Sequence[ExperimentUnit],
+    n_prompts: int,
+    clean: CleanRuns,
+    after: Mapping[tuple[int, int, int], float],
+    attn_after: Mapping[tuple[int, int, int], float],
+    model_name: str,
+) -> list[dict[str, Any]]:
+    """Phase 4: the table's rows, edge x operation x prompt, all prompts (module docstring)."""
     records: list[dict[str, Any]] = []
     for j, unit in enumerate(units):
         u, v = unit.edge.upstream, unit.edge.downstream
@@ -603,17 +617,17 @@ def run_experiments(
         for i, op in enumerate(OPERATIONS):
             for p in range(n_prompts):
                 r = (j, i, p)
-                ablated = r in removals
-                x = x_clean.get((j, p))
+                ablated = r in clean.removals
+                x = clean.x_clean.get((j, p))
                 if x is not None:
-                    xa = x + removals[r][0].to(x.dtype) if ablated else x.clone()
+                    xa = x + clean.removals[r][0].to(x.dtype) if ablated else x.clone()
                     norm_ratio = float(torch.linalg.vector_norm(xa) / torch.linalg.vector_norm(x))
                     cos = float(F.cosine_similarity(xa, x, dim=0))
                 else:
                     norm_ratio = cos = float("nan")
-                ld0 = float(before[p])
+                ld0 = float(clean.before[p])
                 ld1 = after[r] if ablated else ld0
-                a0 = float(attn_before[j, p])
+                a0 = float(clean.attn_before[j, p])
                 a1 = attn_after[r] if ablated else a0
                 used = unit.used.get((i, p), []) if ablated else []
                 records.append(
@@ -643,6 +657,53 @@ def run_experiments(
                         "terms": list(used),
                     }
                 )
+    return records
+
+
+def run_experiments(
+    G: nx.MultiDiGraph,
+    edges: Sequence[ExperimentEdge],
+    model: InterventionModel,
+    tokens: Int[Tensor, "batch pos"],
+    metric: TaskMetric,
+    positions: LabelPositions,
+    terms: TermsLookup,
+    omega: OmegaCache,
+    *,
+    seed: int = 0,
+    model_name: str = "",
+    batch_size: int = 16,
+    graph_name: str = "",
+    progress: bool = True,
+) -> ExperimentResult:
+    """The four operations on each chosen edge in every prompt it appeared in; the table of all prompts.
+
+    ``G`` is the combined graph (published: threshold 0.7); ``tokens[p]`` prompt ``p``'s tokens (all
+    ``N = len(tokens)`` prompts get rows); ``metric(logits, prompt_ids)`` the task metric;
+    ``positions[p]`` label -> position; ``terms(firing, side)`` the firing's selected terms; ``seed``
+    the one random generator's seed (draw order in the module docstring). An edge not in ``G`` is
+    logged as a warning and gets no rows. The four phases: :func:`plan_terms`, :func:`clean_runs`,
+    :func:`intervened_runs`, :func:`experiment_records`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    run = ExperimentRun(model, tokens, metric, positions, omega, batch_size=batch_size, progress=progress)
+    groups = group_labels(edges)
+    units, keys_found = _resolve_units(G, edges, groups, positions, graph_name)
+    plan_terms(units, terms, run, seed)
+    log.info(
+        "experiments: %d chosen edges (%d found as %d graph edges), %d (edge, operation, prompt) "
+        "interventions over %d prompts, seed %d",
+        len(edges),
+        sum(1 for k in keys_found if k),
+        len(units),
+        sum(len(u.used) for u in units),
+        run.n_prompts,
+        seed,
+    )
+    clean = clean_runs(units, run)
+    after, attn_after = intervened_runs(units, run, clean)
+    records = experiment_records(units, run.n_prompts, clean, after, attn_after, model_name)
     return ExperimentResult(_frame(records), list(edges), groups, keys_found)
 
 

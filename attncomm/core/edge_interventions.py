@@ -63,7 +63,10 @@ __all__ = [
     "EdgeSite",
     "EdgeWork",
     "Removal",
+    "batch_ranges",
+    "cached_runs",
     "edge_sites",
+    "full_basis",
     "head_space_delta",
     "intervention_graph",
     "needed_hooks",
@@ -76,6 +79,10 @@ __all__ = [
 
 #: ``terms(firing_key, side)`` -> the selected singular terms of that side of a traced firing
 TermsLookup = Callable[[tuple[int, int, int, int, int], str], Sequence[int]]
+#: ``metric(logits, prompt_ids)`` -> the task metric of those prompts (logits of the batch in that order)
+TaskMetric = Callable[[Tensor, Sequence[int]], Float[Tensor, " batch"]]
+#: ``positions[p]`` -> label -> position in prompt ``p`` (role labels or token labels)
+LabelPositions = Sequence[Mapping[str, int]] | Mapping[int, Mapping[str, int]]
 
 HookFn = Callable[[Tensor, Any], Tensor | None]
 
@@ -166,6 +173,26 @@ def selected_basis(
     ``memo`` (optional) keeps the full ``U`` / ``V`` per ``(layer, head, delta, side)`` across calls,
     on ``device`` (default: the cache's).
     """
+    basis = full_basis(omega, layer, head, delta, side, memo, device)
+    index = torch.as_tensor(list(terms), dtype=torch.long, device=basis.device)
+    return basis[:, index]
+
+
+def full_basis(
+    omega: OmegaCache,
+    layer: int,
+    head: int,
+    delta: int,
+    side: str,
+    memo: dict[tuple[int, int, int, str], Tensor] | None = None,
+    device: torch.device | str | None = None,
+) -> Float[Tensor, "d_model rank"]:
+    """All singular vectors ``U`` of ``Omega_d(delta)`` (side ``d``) or ``V`` of ``Omega_s(delta)`` (side
+    ``s``) of head ``(layer, head)``, moved to ``device`` (default: the cache's).
+
+    ``memo`` (optional) keeps them per ``(layer, head, delta, side)`` across calls (``delta`` 0 for
+    non-rotary models, whose Omega does not depend on it); a memoized basis is returned as stored.
+    """
     key = (layer, head, delta if omega.rotary else 0, side)
     basis = None if memo is None else memo.get(key)
     if basis is None:
@@ -175,8 +202,7 @@ def selected_basis(
             basis = basis.to(device)
         if memo is not None:
             memo[key] = basis
-    index = torch.as_tensor(list(terms), dtype=torch.long, device=basis.device)
-    return basis[:, index]
+    return basis
 
 
 def removal_vector(
@@ -367,9 +393,7 @@ def _position(positions: Mapping[str, int], label: str, prompt: int, node: NodeI
     return positions[label]
 
 
-def edge_sites(
-    G: nx.MultiDiGraph, positions: Sequence[Mapping[str, int]] | Mapping[int, Mapping[str, int]]
-) -> list[EdgeWork]:
+def edge_sites(G: nx.MultiDiGraph, positions: LabelPositions) -> list[EdgeWork]:
     """Every non-root edge of ``G`` with the positions of its sites in each prompt it appeared in.
 
     ``positions[p]`` maps a label to its position in prompt ``p`` (role labels or token labels). The
@@ -424,17 +448,39 @@ def site_removal(
     return vec, Removal(layer, head, site.side, where, delta)
 
 
-def _chunks(n: int, size: int) -> Iterator[range]:
+def batch_ranges(n: int, size: int) -> Iterator[range]:
+    """``range(0, size)``, ``range(size, 2 size)``, ... covering ``0..n-1`` (the last one shorter)."""
     for start in range(0, n, size):
         yield range(start, min(n, start + size))
+
+
+def cached_runs(
+    model: InterventionModel,
+    tokens: Int[Tensor, "batch pos"],
+    prompts: Sequence[int],
+    names: Sequence[str],
+    batch_size: int,
+    *,
+    desc: str,
+    progress: bool = True,
+) -> Iterator[tuple[list[int], Tensor, dict[str, Tensor]]]:
+    """Clean runs of ``prompts`` (rows of ``tokens``) in batches of ``batch_size``, caching ``names``.
+
+    Yields ``(ids, logits, cache)`` per batch, ``ids`` the batch's prompts in order; nothing is kept
+    between batches.
+    """
+    chunks = list(batch_ranges(len(prompts), batch_size))
+    for chunk in tqdm(chunks, desc=desc, leave=False, disable=not progress):
+        ids = [prompts[c] for c in chunk]
+        yield (ids, *model.run_with_cache(tokens[ids], names))
 
 
 def intervention_graph(
     G: nx.MultiDiGraph,
     model: InterventionModel,
     tokens: Int[Tensor, "batch pos"],
-    metric: Callable[[Tensor, Sequence[int]], Float[Tensor, " batch"]],
-    positions: Sequence[Mapping[str, int]] | Mapping[int, Mapping[str, int]],
+    metric: TaskMetric,
+    positions: LabelPositions,
     terms: TermsLookup,
     omega: OmegaCache,
     batch_size: int = 16,
@@ -466,11 +512,9 @@ def intervention_graph(
     removals: dict[tuple[int, int], Removal] = {}
     names = needed_hooks(model)
     memo: dict[tuple[int, int, int, str], Tensor] = {}
-    for chunk in tqdm(
-        list(_chunks(len(prompts), batch_size)), desc="clean runs", leave=False, disable=not progress
+    for ids, logits, cache in cached_runs(
+        model, tokens, prompts, names, batch_size, desc="clean runs", progress=progress
     ):
-        ids = [prompts[c] for c in chunk]
-        logits, cache = model.run_with_cache(tokens[ids], names)
         for row, value in enumerate(metric(logits, ids).tolist()):
             before[ids[row]] = float(value)
         for row, p in enumerate(ids):
@@ -484,7 +528,7 @@ def intervention_graph(
     done_sites = [0] * len(work)
     with tqdm(total=len(work), desc="interventions", unit="edge", disable=not progress) as bar:
         bar.update(sum(1 for w in work if not w.sites))
-        for chunk in _chunks(len(flat), batch_size):
+        for chunk in batch_ranges(len(flat), batch_size):
             pairs = [flat[c] for c in chunk]
             ids = [work[i].sites[j].prompt for i, j in pairs]
             hooks = removal_hooks(model, [removals[pair] for pair in pairs], sign)

@@ -22,7 +22,9 @@ The analysis of the signals (pure numpy/scipy):
 * :func:`sink_mask` -- sink firings: source at position 0 or, when ``punct`` is given (rotary models),
   at a punctuation position (:func:`is_punctuation`, :data:`PUNCTUATION`);
 * :func:`mean_pairwise_distance` / :func:`head_control` -- a head is *controlled* if its sink
-  signals have mean pairwise cosine distance (distinct pairs) ``< max_distance``.
+  signals have mean pairwise cosine distance (distinct pairs) ``< max_distance``;
+* :func:`analyse_signals` -- all of the above on a table of firings and their signals: the firings,
+  clusters and per-head tables and the summary of the ``control_signals`` stage.
 
 Choices where the method is silent: a head with fewer than two sink signals has no pairwise
 distance (NaN) and is not controlled; a firing whose signal is exactly zero (no projection of
@@ -34,8 +36,10 @@ from __future__ import annotations
 import logging
 import string
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
 from scipy.cluster.hierarchy import fcluster, linkage
@@ -44,11 +48,16 @@ from torch import Tensor
 
 from attncomm.core.decompose import decompose_firings, layer_inputs, selection_mask
 from attncomm.core.omega_factors import OmegaCache
+from attncomm.core.term_statistics import head_grid
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "GPT2_CUT",
+    "SIGNAL_COLUMNS",
+    "TOKEN_COLUMNS",
+    "Analysis",
+    "analyse_signals",
     "PUNCTUATION",
     "ROTARY_CUT",
     "LayerSignals",
@@ -279,3 +288,138 @@ def head_control(
         dist = mean_pairwise_distance(unit[sel])
         out[(int(layer), int(head))] = (int(sel.sum()), dist, bool(dist < max_distance))
     return out
+
+
+# ----------------------------------------------------------------------------- the analysis
+
+#: columns of a firing table (one row per firing passing the filters) that the analysis reads
+SIGNAL_COLUMNS: tuple[str, ...] = ("prompt", "layer", "head", "dest", "src", "attention", "n_terms")
+#: the source token's text and whether it is punctuation (carried into the firings table when present)
+TOKEN_COLUMNS: tuple[str, ...] = ("src_token", "is_punct")
+
+
+@dataclass
+class Analysis:
+    """The tables of the analysis (see the module docstring) and the prototype's row in ``firings``."""
+
+    firings: pd.DataFrame
+    clusters: pd.DataFrame
+    heads: pd.DataFrame
+    summary: dict[str, Any]
+    prototype_row: int | None
+
+
+def analyse_signals(
+    table: pd.DataFrame,
+    signals: np.ndarray,
+    *,
+    rotary: bool,
+    cut: float,
+    controlled_max_distance: float = 0.5,
+    n_layers: int | None = None,
+    n_heads: int | None = None,
+) -> Analysis:
+    """Cluster the signals of the traceable firings of ``table`` and build the output tables.
+
+    ``table`` needs :data:`SIGNAL_COLUMNS` (and ``is_punct`` when ``rotary``; :data:`TOKEN_COLUMNS`
+    are carried when present);
+    ``signals[i]`` belongs to row ``i``. Rows with ``n_terms == 0`` (untraceable source side) or a zero
+    signal are left out.
+    """
+    signals = np.asarray(signals, dtype=np.float64)
+    if len(table) != len(signals):
+        raise ValueError(f"{len(table)} firings but {len(signals)} signals")
+    norms = np.linalg.norm(signals, axis=1) if len(signals) else np.zeros(0)
+    traceable = table["n_terms"].to_numpy() > 0
+    keep = traceable & (norms > 0)
+    n_zero = int((traceable & ~keep).sum())
+    if n_zero:
+        logger.warning("control signals: %d traceable firings have a zero source signal; left out", n_zero)
+    df = table[keep].reset_index(drop=True).copy()
+    unit = normalize_rows(signals[keep]) if keep.any() else np.zeros((0, signals.shape[1]))
+    punct = df["is_punct"].to_numpy(dtype=bool) if rotary else None
+    sink = sink_mask(df["src"].to_numpy(), punct)
+    labels = cluster_signals(unit, cut)
+    df["cluster"] = labels
+    df["is_sink"] = sink
+    summary: dict[str, Any] = {
+        "n_firings_filtered": len(table),
+        "n_untraceable": int((~traceable).sum()),
+        "n_zero_signal": n_zero,
+        "n_firings": len(df),
+        "n_sink": int(sink.sum()),
+        "cut": float(cut),
+        "n_clusters": int(len(np.unique(labels))),
+    }
+    proto_row: int | None = None
+    if len(df):
+        dom = dominant_cluster(labels)
+        members = np.flatnonzero(labels == dom)
+        j, mean_dist = prototype(unit[members])
+        proto_row = int(members[j])
+        ip = unit @ unit[proto_row]
+        df["in_dominant"] = labels == dom
+        df["ip_with_prototype"] = ip
+        p = df.iloc[proto_row]
+        summary |= {
+            "dominant_cluster": dom,
+            "dominant_size": len(members),
+            "dominant_fraction": len(members) / len(df),
+            "dominant_sink_share": float(sink[members].mean()),
+            "sink_in_dominant_share": float((labels[sink] == dom).mean()) if sink.any() else float("nan"),
+            "prototype_prompt": int(p["prompt"]),
+            "prototype_layer": int(p["layer"]),
+            "prototype_head": int(p["head"]),
+            "prototype_dest": int(p["dest"]),
+            "prototype_src": int(p["src"]),
+            "prototype_mean_distance": mean_dist,
+            "ip_sink_mean": float(ip[sink].mean()) if sink.any() else float("nan"),
+            "ip_other_mean": float(ip[~sink].mean()) if (~sink).any() else float("nan"),
+        }
+    else:
+        df["in_dominant"] = pd.Series(dtype=bool)
+        df["ip_with_prototype"] = pd.Series(dtype=float)
+
+    values, counts = np.unique(labels, return_counts=True)
+    n_sink = [int(sink[labels == v].sum()) for v in values]
+    clusters = pd.DataFrame({"cluster": values.astype(int), "size": counts.astype(int), "n_sink": n_sink})
+    clusters["sink_share"] = clusters["n_sink"] / clusters["size"]
+    clusters["dominant"] = clusters["cluster"] == summary.get("dominant_cluster", -1)
+    clusters = clusters.sort_values(["size", "cluster"], ascending=[False, True]).reset_index(drop=True)
+
+    control = head_control(
+        df["layer"].to_numpy(), df["head"].to_numpy(), unit, sink, max_distance=controlled_max_distance
+    )
+    L, H = head_grid(df, n_layers, n_heads)
+    grouped = df.groupby(["layer", "head"])
+    n_fire = grouped.size().to_dict()
+    n_dom = grouped["in_dominant"].sum().to_dict() if len(df) else {}
+    head_rows = []
+    for layer in range(L):
+        for head in range(H):
+            n_s, dist, controlled = control.get((layer, head), (0, float("nan"), False))
+            head_rows.append(
+                {
+                    "layer": layer,
+                    "head": head,
+                    "n_firings": int(n_fire.get((layer, head), 0)),
+                    "n_sink": n_s,
+                    "n_in_dominant": int(n_dom.get((layer, head), 0)),
+                    "mean_sink_distance": dist,
+                    "controlled": controlled,
+                }
+            )
+    heads = pd.DataFrame(head_rows)
+    summary["n_controlled_heads"] = int(heads["controlled"].sum()) if len(heads) else 0
+    summary["n_heads_with_sink"] = int((heads["n_sink"] > 0).sum()) if len(heads) else 0
+    firings = df[
+        [
+            *SIGNAL_COLUMNS,
+            *(c for c in TOKEN_COLUMNS if c in df.columns),
+            "cluster",
+            "in_dominant",
+            "is_sink",
+            "ip_with_prototype",
+        ]
+    ]
+    return Analysis(firings=firings, clusters=clusters, heads=heads, summary=summary, prototype_row=proto_row)

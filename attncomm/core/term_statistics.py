@@ -113,6 +113,14 @@ def histogram(df: pd.DataFrame, max_terms: int | None = None) -> pd.DataFrame:
     return counts.reindex(index, fill_value=0).rename("count").reset_index()
 
 
+def head_grid(df: pd.DataFrame, n_layers: int | None = None, n_heads: int | None = None) -> tuple[int, int]:
+    """``(n_layers, n_heads)`` of a per-head table: the given values, else one more than the largest
+    ``layer`` / ``head`` of ``df`` (0 for an empty table)."""
+    L = n_layers if n_layers is not None else (int(df["layer"].max()) + 1 if len(df) else 0)
+    H = n_heads if n_heads is not None else (int(df["head"].max()) + 1 if len(df) else 0)
+    return L, H
+
+
 def head_density(
     df: pd.DataFrame, side: str | None = None, n_layers: int | None = None, n_heads: int | None = None
 ) -> np.ndarray:
@@ -122,8 +130,7 @@ def head_density(
     the head has no traced side.
     """
     part = df if side is None else df[df["side"] == side]
-    L = n_layers if n_layers is not None else (int(df["layer"].max()) + 1 if len(df) else 0)
-    H = n_heads if n_heads is not None else (int(df["head"].max()) + 1 if len(df) else 0)
+    L, H = head_grid(df, n_layers, n_heads)
     out = np.full((L, H), np.nan)
     if len(part):
         means = part.groupby(["layer", "head"])["n_terms"].mean()

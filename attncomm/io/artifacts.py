@@ -106,6 +106,10 @@ def run_dir_for(
     return Path(root) / model / task / name
 
 
+#: glob of every standard run directory below an artifact root (the three levels of :func:`run_dir_for`)
+RUN_DIR_GLOB = "*/*/*"
+
+
 @dataclass(frozen=True)
 class RunArtifacts:
     """Every artifact path of one model/task/setting run directory (published names)."""
@@ -122,8 +126,13 @@ class RunArtifacts:
     producers: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @property
+    def stem(self) -> str:
+        """``{model}_{task}``: the start of every per-run file name that does not carry ``n{N}``."""
+        return f"{self.model}_{self.task}"
+
+    @property
     def prefix(self) -> str:
-        return f"{self.model}_{self.task}_n{self.n}"
+        return f"{self.stem}_n{self.n}"
 
     @property
     def omega_dir(self) -> Path:
@@ -140,9 +149,16 @@ class RunArtifacts:
     def tracing_results_dir(self) -> Path:
         return self.run_dir / "tracing_results"
 
+    def _tracing_results_name(self, suffix: str) -> str:
+        return f"{self.prefix}_{self.seed}{suffix}.h5"
+
     def tracing_results(self, shard: int | None = None) -> Path:
         suffix = "" if shard is None else f"_shard{shard}"
-        return self.tracing_results_dir / f"{self.prefix}_{self.seed}{suffix}.h5"
+        return self.tracing_results_dir / self._tracing_results_name(suffix)
+
+    def tracing_result_shards(self) -> list[Path]:
+        """The shard files of :meth:`tracing_results` that exist, sorted by name."""
+        return sorted(self.tracing_results_dir.glob(self._tracing_results_name("_shard*")))
 
     @property
     def combined_graphs_dir(self) -> Path:
@@ -168,11 +184,11 @@ class RunArtifacts:
         return self.run_dir / f"circuit_comparison{self.prune_variant}"
 
     def comparison_csv(self, th: float) -> Path:
-        return self.comparison_dir / f"{self.model}_{self.task}_{format_threshold(th)}.csv"
+        return self.comparison_dir / f"{self.stem}_{format_threshold(th)}.csv"
 
     @property
     def intervention_data(self) -> Path:
-        return self.run_dir / "intervention_data" / f"{self.model}_{self.task}.parquet"
+        return self.run_dir / "intervention_data" / f"{self.stem}.parquet"
 
     def stage_dir(self, name: str) -> Path:
         """Directory for a stage's own outputs (``control_signals/``, ``sparsity/``, ``export/``)."""

@@ -13,11 +13,17 @@ Dataset names are the published ones (docs/METHOD.md section 4.5), one per firin
 shape ``(l, H+2, d+1)`` (layer, component, source token; component ``0..H-1`` heads, ``H`` MLP,
 ``H+1`` AH bias; the Embedding term is not stored). A ``prompts`` table records every prompt's
 status (traced, or why it was skipped) and firing count. No pickle anywhere.
+
+Readers for later stages: :class:`TracingResults` (prompt table, per-firing records),
+:func:`read_term_lengths` (selected-term counts and the head count from dataset shapes alone, for
+``sparsity``), :func:`result_files` (merged file, else shards) and :class:`SelectedTerms` (the
+``terms(firing, side)`` lookup of the intervention stages).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,22 +31,44 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from tqdm.auto import tqdm
 
-from attncomm.core.types import FiringKey, FiringRecord
 from attncomm.errors import AttncommError
-from attncomm.io.artifacts import atomic_path
+from attncomm.io.artifacts import RunArtifacts, atomic_path
+
+logger = logging.getLogger(__name__)
+
+FiringKey = tuple[int, int, int, int, int]  # (prompt, layer, head, dest, src)
 
 #: prompt status codes stored in the ``prompts`` table
 STATUSES: tuple[str, ...] = ("traced", "incorrect", "nonpositive_total", "no_head_seed")
 
-_KINDS = ("svs_used_decomp_i", "svs_used_decomp_j", "contrib_sv_dest", "contrib_sv_src")
+#: dataset kinds (name prefixes) of one firing: selected terms of each side, contributions of each side
+DEST_TERMS, SRC_TERMS = "svs_used_decomp_i", "svs_used_decomp_j"
+CONTRIB_DEST, CONTRIB_SRC = "contrib_sv_dest", "contrib_sv_src"
+#: the group holding the prompt table (``prompt``, ``status``, ``n_firings`` datasets)
+PROMPT_TABLE = "prompts"
+#: components stored after the ``H`` heads on a contribution's component axis (MLP, AH bias)
+EXTRA_COMPONENTS = 2
+
+_KINDS = (DEST_TERMS, SRC_TERMS, CONTRIB_DEST, CONTRIB_SRC)
 _NAME = re.compile(r"^(" + "|".join(_KINDS) + r")_\((\d+), (\d+), (\d+), (\d+), (\d+)\)$")
 _DIMS = {
-    "svs_used_decomp_i": "term",
-    "svs_used_decomp_j": "term",
-    "contrib_sv_dest": "layer,component,src_pos",
-    "contrib_sv_src": "layer,component,src_pos",
+    DEST_TERMS: "term",
+    SRC_TERMS: "term",
+    CONTRIB_DEST: "layer,component,src_pos",
+    CONTRIB_SRC: "layer,component,src_pos",
 }
+
+
+@dataclass
+class FiringRecord:
+    """What tracing keeps of one firing for later stages (interventions, sparsity, control signals)."""
+
+    dest_terms: np.ndarray  # int64 [n_selected] (selection order)
+    src_terms: np.ndarray  # int64 [n_selected] (empty: side not traced)
+    contrib_dest: np.ndarray  # float [layer, H+2, d+1]
+    contrib_src: np.ndarray  # float [layer, H+2, d+1]
 
 
 @dataclass
@@ -51,6 +79,57 @@ class PromptRecord:
     status: str
     n_firings: int
     firings: dict[FiringKey, FiringRecord]
+
+
+def dataset_name(kind: str, key: FiringKey) -> str:
+    """Published dataset name, e.g. ``contrib_sv_dest_(3, 9, 6, 14, 2)``."""
+    return f"{kind}_({', '.join(str(int(k)) for k in key)})"
+
+
+def parse_dataset_name(name: str) -> tuple[str, FiringKey]:
+    """Inverse of :func:`dataset_name`; a clear error for anything else."""
+    m = _NAME.match(name)
+    if m is None:
+        raise ValueError(f"not a tracing-result dataset name: {name!r}")
+    kind, *nums = m.groups()
+    return kind, tuple(int(x) for x in nums)  # type: ignore[return-value]
+
+
+def _write_firings(f: h5py.File, firings: dict[FiringKey, FiringRecord]) -> None:
+    for key in sorted(firings):
+        rec = firings[key]
+        arrays = {
+            DEST_TERMS: np.asarray(rec.dest_terms, dtype=np.int64),
+            SRC_TERMS: np.asarray(rec.src_terms, dtype=np.int64),
+            CONTRIB_DEST: np.asarray(rec.contrib_dest),
+            CONTRIB_SRC: np.asarray(rec.contrib_src),
+        }
+        for kind, arr in arrays.items():
+            big = arr.size > 64
+            ds = f.create_dataset(
+                dataset_name(kind, key), data=arr, compression="gzip" if big else None, track_times=False
+            )
+            ds.attrs["dims"] = _DIMS[kind]
+
+
+def _write_prompt_table(f: h5py.File, prompts: Sequence[PromptRecord]) -> None:
+    ordered = sorted(prompts, key=lambda r: r.prompt)
+    f.create_dataset(
+        f"{PROMPT_TABLE}/prompt",
+        data=np.array([r.prompt for r in ordered], dtype=np.int64),
+        track_times=False,
+    )
+    f.create_dataset(
+        f"{PROMPT_TABLE}/status",
+        data=np.array([STATUSES.index(r.status) for r in ordered], dtype=np.int8),
+        track_times=False,
+    )
+    f.create_dataset(
+        f"{PROMPT_TABLE}/n_firings",
+        data=np.array([r.n_firings for r in ordered], dtype=np.int64),
+        track_times=False,
+    )
+    f[PROMPT_TABLE].attrs["status_codes"] = ",".join(STATUSES)
 
 
 class DamagedResultsError(AttncommError, ValueError):
@@ -81,61 +160,24 @@ def open_results(path: Path | str) -> Iterator[h5py.File]:
         f.close()
 
 
-def read_prompt_table(path: Path | str) -> dict[int, tuple[str, int]]:
-    """prompt id -> (status, n_firings) of a shard or merged result file."""
-    with open_results(path) as f:
-        ids, codes, counts = f["prompts/prompt"][()], f["prompts/status"][()], f["prompts/n_firings"][()]
+def _read_prompt_table(f: h5py.File) -> dict[int, tuple[str, int]]:
+    """prompt id -> (status, n_firings) from the file's prompt table."""
+    ids, codes, counts = (f[f"{PROMPT_TABLE}/{k}"][()] for k in ("prompt", "status", "n_firings"))
     try:
         return {int(p): (STATUSES[int(c)], int(n)) for p, c, n in zip(ids, codes, counts, strict=True)}
     except (IndexError, ValueError) as err:
-        raise _damaged(path, err) from err
+        raise _damaged(f.filename, err) from err
 
 
-def dataset_name(kind: str, key: FiringKey) -> str:
-    """Published dataset name, e.g. ``contrib_sv_dest_(3, 9, 6, 14, 2)``."""
-    return f"{kind}_({', '.join(str(int(k)) for k in key)})"
+def read_prompt_table(path: Path | str) -> dict[int, tuple[str, int]]:
+    """prompt id -> (status, n_firings) of a shard or merged result file."""
+    with open_results(path) as f:
+        return _read_prompt_table(f)
 
 
-def parse_dataset_name(name: str) -> tuple[str, FiringKey]:
-    """Inverse of :func:`dataset_name`; a clear error for anything else."""
-    m = _NAME.match(name)
-    if m is None:
-        raise ValueError(f"not a tracing-result dataset name: {name!r}")
-    kind, *nums = m.groups()
-    return kind, tuple(int(x) for x in nums)  # type: ignore[return-value]
-
-
-def _write_firings(f: h5py.File, firings: dict[FiringKey, FiringRecord]) -> None:
-    for key in sorted(firings):
-        rec = firings[key]
-        arrays = {
-            "svs_used_decomp_i": np.asarray(rec.dest_terms, dtype=np.int64),
-            "svs_used_decomp_j": np.asarray(rec.src_terms, dtype=np.int64),
-            "contrib_sv_dest": np.asarray(rec.contrib_dest),
-            "contrib_sv_src": np.asarray(rec.contrib_src),
-        }
-        for kind, arr in arrays.items():
-            big = arr.size > 64
-            ds = f.create_dataset(
-                dataset_name(kind, key), data=arr, compression="gzip" if big else None, track_times=False
-            )
-            ds.attrs["dims"] = _DIMS[kind]
-
-
-def _write_prompt_table(f: h5py.File, prompts: Sequence[PromptRecord]) -> None:
-    ordered = sorted(prompts, key=lambda r: r.prompt)
-    f.create_dataset(
-        "prompts/prompt", data=np.array([r.prompt for r in ordered], dtype=np.int64), track_times=False
-    )
-    f.create_dataset(
-        "prompts/status",
-        data=np.array([STATUSES.index(r.status) for r in ordered], dtype=np.int8),
-        track_times=False,
-    )
-    f.create_dataset(
-        "prompts/n_firings", data=np.array([r.n_firings for r in ordered], dtype=np.int64), track_times=False
-    )
-    f["prompts"].attrs["status_codes"] = ",".join(STATUSES)
+def _firing_names(f: h5py.File) -> list[str]:
+    """The names of every firing dataset of a result or part file (everything but the prompt table)."""
+    return [n for n in f.keys() if n != PROMPT_TABLE]
 
 
 def part_path(results_dir: Path, prompt: int) -> Path:
@@ -180,7 +222,7 @@ def done_prompts(results_dir: Path) -> set[int]:
 def _read_firings(f: h5py.File, names: Iterable[str]) -> dict[FiringKey, FiringRecord]:
     found: dict[FiringKey, dict[str, np.ndarray]] = {}
     for name in names:
-        if name == "prompts":
+        if name == PROMPT_TABLE:
             continue
         kind, key = parse_dataset_name(name)
         found.setdefault(key, {})[kind] = f[name][()]
@@ -190,10 +232,7 @@ def _read_firings(f: h5py.File, names: Iterable[str]) -> dict[FiringKey, FiringR
         if missing:
             raise ValueError(f"firing {key} lacks datasets {missing} in {f.filename}")
         out[key] = FiringRecord(
-            arrays["svs_used_decomp_i"],
-            arrays["svs_used_decomp_j"],
-            arrays["contrib_sv_dest"],
-            arrays["contrib_sv_src"],
+            arrays[DEST_TERMS], arrays[SRC_TERMS], arrays[CONTRIB_DEST], arrays[CONTRIB_SRC]
         )
     return out
 
@@ -226,13 +265,104 @@ class TracingResults:
     def firings(self, prompt: int | None = None) -> dict[FiringKey, FiringRecord]:
         """Every firing's record, or only those of one prompt."""
         with open_results(self.path) as f:
-            names = [n for n in f.keys() if n != "prompts"]
+            names = _firing_names(f)
             if prompt is not None:
-                names = [n for n in names if n.split("_(", 1)[1].startswith(f"{prompt},")]
+                names = [n for n in names if parse_dataset_name(n)[1][0] == prompt]
             return _read_firings(f, names)
 
     def iter_keys(self) -> Iterator[FiringKey]:
         with open_results(self.path) as f:
             for name in f.keys():
-                if name.startswith("svs_used_decomp_i_"):
+                if name.startswith(f"{DEST_TERMS}_("):
                     yield parse_dataset_name(name)[1]
+
+
+# ----------------------------------------------------------------------------- term lengths
+
+
+@dataclass
+class TermLengths:
+    """What the selected-term datasets of result files say without reading any contribution tensor.
+
+    ``rows``: per firing ``(key, n_dest_terms, n_src_terms)`` in key order; ``n_heads``: from the
+    contribution shapes ``(layer, H+2, d+1)`` (None without firings); ``term_bound``: the largest
+    selected term index + 1 (a lower bound of ``d_head``); ``prompts``: the prompt table.
+    """
+
+    rows: list[tuple[FiringKey, int, int]]
+    n_heads: int | None
+    term_bound: int
+    prompts: dict[int, tuple[str, int]]
+
+
+def read_term_lengths(paths: Sequence[Path]) -> TermLengths:
+    """:class:`TermLengths` of one or more result files (merged or shards).
+
+    Reads dataset shapes only, except the term datasets themselves (small) for the index bound.
+    """
+    lengths: dict[FiringKey, dict[str, int]] = {}
+    n_heads: int | None = None
+    top = 0
+    prompts: dict[int, tuple[str, int]] = {}
+    for path in paths:
+        with open_results(path) as f:
+            if PROMPT_TABLE in f:
+                prompts.update(_read_prompt_table(f))
+            for name in tqdm(_firing_names(f), desc=f"read {path.name}", leave=False):
+                kind, key = parse_dataset_name(name)
+                if kind in (DEST_TERMS, SRC_TERMS):
+                    ds = f[name]
+                    lengths.setdefault(key, {})[kind] = int(ds.shape[0])
+                    if ds.shape[0]:
+                        top = max(top, int(np.max(ds[()])) + 1)
+                elif n_heads is None:
+                    n_heads = int(f[name].shape[1]) - EXTRA_COMPONENTS
+    rows = [(key, v.get(DEST_TERMS, 0), v.get(SRC_TERMS, 0)) for key, v in sorted(lengths.items())]
+    return TermLengths(rows, n_heads, top, prompts)
+
+
+def result_files(arts: RunArtifacts) -> list[Path]:
+    """The run's merged tracing results, else its shard files, else a MissingArtifactError."""
+    merged = arts.tracing_results()
+    if merged.is_file():
+        return [merged]
+    shards = arts.tracing_result_shards()
+    if shards:
+        logger.info("no merged tracing results; reading %d shard files", len(shards))
+        return shards
+    arts.require(merged, "tracing_results")
+    return [merged]  # unreachable: require raised
+
+
+# ----------------------------------------------------------------------------- selected terms
+
+
+class MissingFiringError(AttncommError, KeyError):
+    """A graph edge whose downstream firing has no record in the tracing results."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class SelectedTerms:
+    """``terms(firing, side)`` from a tracing result file, loaded one prompt at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._results = TracingResults(path)
+        self._by_prompt: dict[int, dict[FiringKey, tuple[list[int], list[int]]]] = {}
+
+    def __call__(self, key: FiringKey, side: str) -> list[int]:
+        prompt = int(key[0])
+        if prompt not in self._by_prompt:
+            self._by_prompt[prompt] = {
+                k: (rec.dest_terms.tolist(), rec.src_terms.tolist())
+                for k, rec in self._results.firings(prompt).items()
+            }
+        firing = self._by_prompt[prompt].get(tuple(int(k) for k in key))  # type: ignore[arg-type]
+        if firing is None:
+            raise MissingFiringError(
+                f"{self.path} holds no firing (prompt, layer, head, dest, src) = {key}: the combined graph "
+                "and the tracing results come from different runs; re-run stage=trace then stage=unify"
+            )
+        return firing[0] if side == "d" else firing[1]

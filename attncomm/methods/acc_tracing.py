@@ -1,4 +1,4 @@
-"""In-memory ACC tracing driver: run a model on task prompts and trace each prompt (no file I/O).
+"""ACC's model runner, in memory: run a model on task prompts, trace each prompt or collect its signals.
 
 :func:`trace_prompts` runs the :class:`~attncomm.models.adapter.ModelAdapter` on the prompts in batches,
 caching only the hooks the maths reads (``ln1`` normalized input and scale, attention pattern, values,
@@ -6,6 +6,14 @@ MLP outputs, the embedding, ``ln_final`` scale and, for Gemma-2, ``ln1_post`` sc
 :func:`attncomm.core.prompt_graph.trace_prompt` per prompt and yields a :class:`PromptTrace` per prompt.
 Omega SVDs come from an :class:`~attncomm.core.omega_factors.OmegaCache` (built from the model's processed
 weights if none is given, and reusable across calls).
+
+:func:`collect_signals` runs the model the same way for the control-signal analysis (section 9): every
+firing of every layer passing the attention and destination filters, decomposed as the tracer does,
+with its source signal ``P_V x_s``. Both drive the model through :func:`cached_batches`, and the hooks
+they read are named once (:func:`needed_hooks`, :func:`signal_hooks`). The edge interventions and
+experiments run the model through the same batching
+(:func:`attncomm.core.edge_interventions.batch_ranges`, ``cached_runs``) and read
+:func:`attncomm.core.edge_interventions.needed_hooks`, a subset of the tracer's hooks.
 """
 
 from __future__ import annotations
@@ -13,21 +21,36 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import networkx as nx
+import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from attncomm.core.contributions import PromptWrites, head_value_writes
+from attncomm.core.edge_interventions import batch_ranges
+from attncomm.core.edge_interventions import needed_hooks as write_hooks
 from attncomm.core.omega_factors import OmegaCache
 from attncomm.core.prompt_graph import FiringResult, PromptTensors, trace_prompt
+from attncomm.core.signal_clusters import SIGNAL_COLUMNS, TOKEN_COLUMNS, is_punctuation, layer_source_signals
 from attncomm.models.adapter import ModelAdapter
 from attncomm.tasks.base import Task, TaskPrompts
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PromptTrace", "build_omega_cache", "needed_hooks", "trace_prompts"]
+__all__ = [
+    "CollectedSignals",
+    "PromptTrace",
+    "build_omega_cache",
+    "cached_batches",
+    "collect_signals",
+    "needed_hooks",
+    "signal_hooks",
+    "trace_prompts",
+]
 
 
 @dataclass
@@ -66,20 +89,35 @@ def build_omega_cache(model: ModelAdapter, dtype: torch.dtype = torch.float32) -
 
 
 def needed_hooks(model: ModelAdapter) -> list[str]:
-    """The hook names tracing reads (nothing else is cached)."""
-    a = model.arch
-    names = [model.resid_pre(0), model.ln_final_scale()]
-    for layer in range(a.n_layers):
-        names += [
-            model.ln1_normalized(layer),
-            model.ln1_scale(layer),
-            model.pattern(layer),
-            model.v(layer),
-            model.mlp_out(layer),
-        ]
-        if a.post_attn_norm:
-            names.append(model.ln1_post_scale(layer))
+    """The hook names tracing reads (nothing else is cached): every component write and ``ln1`` scale
+    (:func:`~attncomm.core.edge_interventions.needed_hooks`), the ``ln_final`` scale and each layer's
+    normalized head input."""
+    names = write_hooks(model) + [model.ln_final_scale()]
+    names += [model.ln1_normalized(layer) for layer in range(model.arch.n_layers)]
     return names
+
+
+def signal_hooks(model: ModelAdapter) -> list[str]:
+    """The hook names the control-signal analysis reads: each layer's normalized input and pattern."""
+    return [
+        n for layer in range(model.arch.n_layers) for n in (model.ln1_normalized(layer), model.pattern(layer))
+    ]
+
+
+def cached_batches(
+    model: ModelAdapter, prompts: TaskPrompts, names: Sequence[str], batch_size: int
+) -> Iterator[tuple[list[int], TaskPrompts, Tensor, dict[str, Tensor]]]:
+    """Run ``model`` on ``prompts`` in batches of ``batch_size`` rows, caching only ``names``.
+
+    Yields ``(rows, sub, logits, cache)``: the batch's row indices into ``prompts``, its
+    :class:`~attncomm.tasks.base.TaskPrompts`, and the outputs of a run on its tokens cut to its longest
+    prompt. Nothing is kept between batches (drop ``logits`` and ``cache`` to free them).
+    """
+    for batch in batch_ranges(len(prompts), batch_size):
+        rows = list(batch)
+        sub = prompts.subset(rows)
+        width = int(sub.lengths.max())
+        yield (rows, sub, *model.run_with_cache(sub.tokens[:, :width], names))
 
 
 def _prompt_tensors(
@@ -167,13 +205,8 @@ def trace_prompts(
     omega = omega_cache if omega_cache is not None else build_omega_cache(model, dtype)
     labels_all = prompts.token_labels(model.tokenizer) if with_tokens else prompts.labels
     directions = task.direction(model.weights.W_U, prompts)
-    names = needed_hooks(model)
     bar = tqdm(total=n_prompts, desc="tracing prompts", disable=not progress)
-    for start in range(0, n_prompts, batch_size):
-        rows = list(range(start, min(n_prompts, start + batch_size)))
-        sub = prompts.subset(rows)
-        width = int(sub.lengths.max())
-        logits, cache = model.run_with_cache(sub.tokens[:, :width], names)
+    for rows, sub, logits, cache in cached_batches(model, prompts, needed_hooks(model), batch_size):
         correct = task.is_correct(logits, sub).cpu()
         del logits
         for i, row in enumerate(rows):
@@ -199,3 +232,92 @@ def trace_prompts(
             bar.update(1)
         del cache
     bar.close()
+
+
+@dataclass
+class CollectedSignals:
+    """Every firing passing the filters (``table``, one row each) and the signals of the traceable ones.
+
+    ``signals[i]`` is the unnormalized ``P_V x_s`` of ``table`` row ``i`` (zero where ``n_terms == 0``).
+    """
+
+    table: pd.DataFrame
+    signals: np.ndarray
+
+
+def collect_signals(
+    model: ModelAdapter,
+    prompts: TaskPrompts,
+    prompt_ids: Sequence[int],
+    omega: OmegaCache,
+    *,
+    min_attention: float,
+    min_dest: int,
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> CollectedSignals:
+    """Run ``model`` on ``prompts`` (row ``i`` has id ``prompt_ids[i]``) and decompose every firing.
+
+    All layers (0 included) and heads; positions ``0..end`` of each prompt; firings with
+    ``A >= min_attention`` and ``d >= min_dest``, decomposed and selected in ``dtype`` as the tracer does
+    (:func:`~attncomm.core.signal_clusters.layer_source_signals`). The table has
+    :data:`~attncomm.core.signal_clusters.SIGNAL_COLUMNS` and
+    :data:`~attncomm.core.signal_clusters.TOKEN_COLUMNS`.
+    """
+    a = model.arch
+    tok = model.tokenizer
+    rows: list[dict[str, Any]] = []
+    signals: list[np.ndarray] = []
+    bar = tqdm(total=len(prompts), desc="control signals: prompts", disable=not progress)
+    for idx, sub, logits, cache in cached_batches(model, prompts, signal_hooks(model), batch_size):
+        del logits
+        for i, row in enumerate(idx):
+            pid = int(prompt_ids[row])
+            end = int(sub.end[i])
+            n = end + 1
+            tokens = [int(t) for t in sub.tokens[i, :n]]
+            texts = [tok.decode([t]) for t in tokens]
+            punct = [is_punctuation(t) for t in texts]
+            cos = sin = None
+            if a.rotary:
+                cos, sin = omega.tables(n)
+                cos, sin = cos.to(dtype), sin.to(dtype)
+            for layer in range(a.n_layers):
+                x = cache[model.ln1_normalized(layer)][i, :n].to("cpu", dtype)
+                pattern = cache[model.pattern(layer)][i, :, :n, :n].to("cpu", dtype)
+                sig = layer_source_signals(
+                    x,
+                    pattern,
+                    omega,
+                    layer,
+                    min_attention=min_attention,
+                    min_dest=min_dest,
+                    cos=cos,
+                    sin=sin,
+                    adjacent=a.rotary_adjacent_pairs,
+                    selection_dtype=dtype,
+                )
+                for f in range(int(sig.heads.numel())):
+                    s = int(sig.srcs[f])
+                    rows.append(
+                        {
+                            "prompt": pid,
+                            "layer": layer,
+                            "head": int(sig.heads[f]),
+                            "dest": int(sig.dests[f]),
+                            "src": s,
+                            "attention": float(sig.attention[f]),
+                            "n_terms": int(sig.n_terms[f]),
+                            "src_token": texts[s],
+                            "is_punct": punct[s],
+                        }
+                    )
+                signals.append(sig.signal.to(torch.float64).numpy())
+            bar.update(1)
+        del cache
+    bar.close()
+    table = pd.DataFrame(rows, columns=[*SIGNAL_COLUMNS, *TOKEN_COLUMNS])
+    d_model = int(a.d_model)
+    matrix = np.concatenate(signals, axis=0) if signals else np.zeros((0, d_model))
+    return CollectedSignals(table=table.astype({"is_punct": bool}), signals=matrix)

@@ -78,6 +78,7 @@ from attncomm.errors import AttncommError
 from attncomm.models.architectures import family_of_config, read_family, resolve_model_config
 from attncomm.models.gpt2_tokenizer import save_gpt2_tokenizer
 from attncomm.models.random_models import BUILDERS, build_model_dir
+from attncomm.runtime.cache_root import default_cache_dir
 from attncomm.runtime.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def resolve_model_dir(cfg: ModelConfig, cache_dir: Path | None = None) -> Path |
                 f"model {cfg.name!r}: unknown model.builder={cfg.builder!r}; valid builders: "
                 f"{', '.join(sorted(BUILDERS))}"
             )
-        root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         return build_model_dir(cfg.builder, root)
     if cfg.hf_name:
         return _resolve_hub(cfg)
@@ -142,11 +143,6 @@ def resolve_model_dir(cfg: ModelConfig, cache_dir: Path | None = None) -> Path |
         f"model {cfg.name!r} names no weights: set model.path (local HF dir), model.builder "
         f"({', '.join(sorted(BUILDERS))}) or model.hf_name"
     )
-
-
-def _default_cache_dir() -> Path:
-    """attncomm's cache root when the caller gives none (ATTNCOMM_CACHE, else ~/.cache/attncomm)."""
-    return Path(os.environ.get("ATTNCOMM_CACHE", "~/.cache/attncomm")).expanduser()
 
 
 def _resolve_hub(cfg: ModelConfig) -> Path | str:
@@ -246,7 +242,7 @@ def load_model(
     source = resolve_model_dir(cfg, cache_dir)
     if isinstance(source, Path):  # the family the checkpoint says, whatever the YAML claims
         cfg = replace(cfg, family=read_family(source))
-    root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     tokenizer = _load_tokenizer(cfg, source, root)
     try:
         revision = cfg.revision if isinstance(source, str) else None  # a local dir has no revisions

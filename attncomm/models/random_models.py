@@ -260,6 +260,11 @@ def write_model_dir(builder: str, directory: Path) -> Path:
     return directory
 
 
+def built_model_dir(builder: str, cache_dir: str | Path) -> Path:
+    """``{cache_dir}/models/{builder}``: where :func:`build_model_dir` puts a built test model."""
+    return Path(cache_dir) / "models" / builder
+
+
 def build_model_dir(builder: str, cache_dir: Path) -> Path:
     """Return ``{cache_dir}/models/{builder}``, building it once (atomically: temp dir, then rename)."""
     if builder not in BUILDERS:
@@ -267,7 +272,7 @@ def build_model_dir(builder: str, cache_dir: Path) -> Path:
             f"unknown test-model builder {builder!r}; valid builders: {', '.join(sorted(BUILDERS))} "
             "(set model.builder to one of them, or use model.path=/local/hf/dir)"
         )
-    target = Path(cache_dir) / "models" / builder
+    target = built_model_dir(builder, cache_dir)
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,7 @@ def run_compare(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
 
     written = [csv_path]
     fig = comparison_bar_plot(df, reference=reference)
-    written += save_figure(fig, arts.figures_dir / f"circuit_comparison_{model}_{task}_{th}")
+    written += save_figure(fig, arts.figures_dir / f"circuit_comparison_{arts.stem}_{th}")
     ctx.tracker.log_figure("compare/bars", fig)
     by_th = {
         t: compare_with_literature(
@@ -68,7 +68,7 @@ def run_compare(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     }
     if len(by_th) > 1:
         fig = comparison_across_thresholds(by_th)
-        written += save_figure(fig, arts.figures_dir / f"circuit_comparison_{model}_{task}_by_threshold")
+        written += save_figure(fig, arts.figures_dir / f"circuit_comparison_{arts.stem}_by_threshold")
         ctx.tracker.log_figure("compare/by_threshold", fig)
         ctx.tracker.log_table(
             "compare/by_threshold", pd.concat([d.assign(threshold=t) for t, d in by_th.items()])
@@ -85,5 +85,5 @@ def run_compare(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     ctx.record("compare", written, {"reference": reference, "threshold": th})
     ctx.tracker.log_table("compare/table", df)
     ctx.tracker.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, str)})
-    ctx.tracker.log_artifact(csv_path, f"{model}_{task}_circuit_comparison", "table")
+    ctx.tracker.log_artifact(csv_path, f"{arts.stem}_circuit_comparison", "table")
     return metrics

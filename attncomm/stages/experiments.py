@@ -45,7 +45,6 @@ from attncomm.io.circuits_data import (
 )
 from attncomm.runtime.config import AppConfig
 from attncomm.runtime.registry import RunContext, register_stage
-from attncomm.stages.interventions import load_intervention_inputs
 from attncomm.viz.plots import experiment_attention_boxes, experiment_effect_boxes, save_figure
 
 log = logging.getLogger(__name__)
@@ -108,6 +107,8 @@ def _metrics(result: ExperimentResult, summary: pd.DataFrame) -> dict[str, Any]:
 )
 def run_experiments_stage(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     """Intervention experiments: remove/boost chosen edges' signals, selected or random terms (section 9)."""
+    from attncomm.methods.intervention_inputs import load_intervention_inputs
+
     ec = cfg.experiments
     arts = ctx.artifacts
     edges = chosen_edges(cfg, ctx.model_short, ctx.task_name)
@@ -139,7 +140,7 @@ def run_experiments_stage(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
         graph_name=source.name,
     )
     summary = summarize(result)
-    stem = f"{ctx.model_short}_{ctx.task_name}"
+    stem = arts.stem
     path = write_table(result.table, arts.intervention_data)
     summary_path = write_table(summary, arts.intervention_data.with_name(f"{stem}_summary.csv"))
     written = [path, summary_path]

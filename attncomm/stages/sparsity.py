@@ -18,8 +18,9 @@ fraction of ``d_head`` across them is added (``figures/sparsity_by_model_task``)
 ``d_head`` comes, in order, from ``sparsity.d_head`` (if the config has that key), the model's
 ``config.json`` read without loading weights (``model.path``, the built test model in
 ``paths.cache_dir``, or the HF cache), the published values of section 9 (64, 64, 256 for
-gpt2-small, pythia-160m, gemma-2-2b), and last from the tracing results themselves, where it is only
-a lower bound (largest selected term index + 1; logged as a warning).
+gpt2-small, pythia-160m, gemma-2-2b; both in :mod:`attncomm.models.dimensions`), and last from the
+tracing results themselves, where it is only a lower bound (largest selected term index + 1; logged
+as a warning). The tracing results are read by :func:`attncomm.io.results.read_term_lengths`.
 """
 
 from __future__ import annotations
@@ -29,151 +30,49 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from attncomm.core.term_statistics import (
     SIDES,
     head_density,
     head_density_table,
+    head_grid,
     histogram,
     summary,
     term_counts_from_lengths,
     with_fraction,
 )
 from attncomm.errors import AttncommError
-from attncomm.io.artifacts import atomic_write_text, write_table
-from attncomm.io.results import STATUSES, FiringKey, open_results, parse_dataset_name
+from attncomm.io.artifacts import RUN_DIR_GLOB, atomic_write_text, write_table
+from attncomm.io.completeness import require_complete_trace
+from attncomm.io.provenance import StaleArtifactError
+from attncomm.io.results import read_term_lengths, result_files
+from attncomm.models.dimensions import dims_from_config, model_dims
 from attncomm.runtime.config import AppConfig
 from attncomm.runtime.registry import RunContext, register_stage
 from attncomm.viz.plots import head_density_heatmap, save_figure, sparsity_by_model_task, sparsity_histogram
 
 log = logging.getLogger(__name__)
 
-#: d_head of the published models (docs/METHOD.md section 9), used when no config.json is at hand
-PUBLISHED_D_HEAD: dict[str, int] = {
-    "gpt2-small": 64,
-    "pythia-160m": 64,
-    "pythia-160m-deduped": 64,
-    "gemma-2-2b": 256,
-}
-
-_DEST, _SRC = "svs_used_decomp_i", "svs_used_decomp_j"
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def tracing_result_files(ctx: RunContext) -> list[Path]:
-    """The merged tracing results, else the shard files, else a MissingArtifactError."""
-    from attncomm.io.completeness import require_complete_trace
-
-    arts = ctx.artifacts
-    require_complete_trace(arts, ctx.cfg.model.name, "sparsity", ctx.cfg.allow_partial)
-    merged = arts.tracing_results()
-    if merged.is_file():
-        return [merged]
-    shards = sorted(arts.tracing_results_dir.glob(f"{arts.prefix}_{arts.seed}_shard*.h5"))
-    if shards:
-        log.info("sparsity: no merged tracing results; reading %d shard files", len(shards))
-        return shards
-    arts.require(merged, "tracing_results")
-    return [merged]  # unreachable: require raised
-
-
-def read_term_lengths(
-    paths: list[Path],
-) -> tuple[list[tuple[FiringKey, int, int]], int | None, int, dict[int, tuple[str, int]]]:
-    """Per firing ``(key, n_dest_terms, n_src_terms)``, the number of heads (from the contribution
-    shapes ``(layer, H+2, d+1)``), the largest selected term index + 1, and the prompt table.
-
-    Reads dataset shapes only, except the term datasets themselves (small) for the index bound.
-    """
-    lengths: dict[FiringKey, dict[str, int]] = {}
-    n_heads: int | None = None
-    top = 0
-    prompts: dict[int, tuple[str, int]] = {}
-    for path in paths:
-        with open_results(path) as f:
-            if "prompts" in f:
-                ids, codes, counts = (f[f"prompts/{k}"][()] for k in ("prompt", "status", "n_firings"))
-                for p, c, n in zip(ids, codes, counts, strict=True):
-                    prompts[int(p)] = (STATUSES[int(c)], int(n))
-            names = [n for n in f.keys() if n != "prompts"]
-            for name in tqdm(names, desc=f"read {path.name}", leave=False):
-                kind, key = parse_dataset_name(name)
-                if kind in (_DEST, _SRC):
-                    ds = f[name]
-                    lengths.setdefault(key, {})[kind] = int(ds.shape[0])
-                    if ds.shape[0]:
-                        top = max(top, int(np.max(ds[()])) + 1)
-                elif n_heads is None:
-                    n_heads = int(f[name].shape[1]) - 2
-    rows = [(key, v.get(_DEST, 0), v.get(_SRC, 0)) for key, v in sorted(lengths.items())]
-    return rows, n_heads, top, prompts
-
-
-def _model_config_json(cfg: AppConfig) -> dict[str, Any] | None:
-    """The model's HF ``config.json`` when it is on disk (no weights loaded, no network)."""
-    candidates: list[Path] = []
-    if cfg.model.path:
-        candidates.append(Path(cfg.model.path).expanduser() / "config.json")
-    if cfg.model.builder:
-        candidates.append(
-            Path(cfg.paths.cache_dir).expanduser() / "models" / cfg.model.builder / "config.json"
-        )
-    if cfg.model.hf_name:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(cfg.model.hf_name, "config.json", revision=cfg.model.revision)
-            if isinstance(cached, str):
-                candidates.append(Path(cached))
-        except Exception as err:  # noqa: BLE001 - any cache problem just means "not available"
-            log.debug("sparsity: HF cache lookup of %s failed: %s", cfg.model.hf_name, err)
-    for path in candidates:
-        if path.is_file():
-            try:
-                return json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as err:
-                log.warning("sparsity: cannot read %s: %s", path, err)
-    return None
-
-
-def dims_from_config(hf: dict[str, Any]) -> tuple[int | None, int | None, int | None]:
-    """``(d_head, n_layers, n_heads)`` from an HF config dict (GPT-2, GPT-NeoX, Gemma-2 keys)."""
-    n_heads = hf.get("n_head", hf.get("num_attention_heads"))
-    n_layers = hf.get("n_layer", hf.get("num_hidden_layers"))
-    d_model = hf.get("n_embd", hf.get("hidden_size", hf.get("d_model")))
-    d_head = hf.get("head_dim")
-    if d_head is None and d_model and n_heads:
-        d_head = int(d_model) // int(n_heads)
-    as_int = [int(v) if v is not None else None for v in (d_head, n_layers, n_heads)]
-    return as_int[0], as_int[1], as_int[2]
+__all__ = ["dims_from_config", "resolve_d_head", "run_sparsity"]  # dims_from_config: re-exported
 
 
 def resolve_d_head(cfg: AppConfig, lower_bound: int) -> tuple[int, str, int | None, int | None]:
-    """``(d_head, where it came from, n_layers, n_heads)``; see the module docstring for the order."""
+    """``(d_head, where it came from, n_layers, n_heads)``: ``sparsity.d_head``, else
+    :func:`attncomm.models.dimensions.model_dims`, else the tracing results' lower bound (a warning)."""
+    dims = model_dims(cfg.model, cfg.paths.cache_dir)
     explicit = getattr(cfg.sparsity, "d_head", None)
-    hf = _model_config_json(cfg)
-    n_layers = n_heads = None
-    from_config = None
-    if hf is not None:
-        from_config, n_layers, n_heads = dims_from_config(hf)
     if explicit:
-        return int(explicit), "sparsity.d_head", n_layers, n_heads
-    if from_config:
-        return from_config, "model config.json", n_layers, n_heads
-    if cfg.model.short_name in PUBLISHED_D_HEAD:
-        return PUBLISHED_D_HEAD[cfg.model.short_name], "published value (section 9)", n_layers, n_heads
+        return int(explicit), "sparsity.d_head", dims.n_layers, dims.n_heads
+    if dims.d_head:
+        return dims.d_head, dims.source, dims.n_layers, dims.n_heads
     log.warning(
         "sparsity: d_head of model %s is unknown (no config.json on disk); using the tracing results' "
         "lower bound %d (largest selected term index + 1)",
         cfg.model.name,
         lower_bound,
     )
-    return max(lower_bound, 1), "tracing results (lower bound)", n_layers, n_heads
+    return max(lower_bound, 1), "tracing results (lower bound)", dims.n_layers, dims.n_heads
 
 
 def _sibling_tables(ctx: RunContext, own: Path) -> list[Path]:
@@ -182,7 +81,7 @@ def _sibling_tables(ctx: RunContext, own: Path) -> list[Path]:
         return []
     root = Path(ctx.cfg.paths.root)
     found = []
-    for path in sorted(root.glob("*/*/*/sparsity/*_term_counts.parquet")):
+    for path in sorted(root.glob(f"{RUN_DIR_GLOB}/sparsity/*_term_counts.parquet")):
         if path.resolve() != own.resolve():
             found.append(path)
     return found
@@ -202,30 +101,29 @@ def _log_figure(ctx: RunContext, key: str, fig: Any, saved: list[Path], written:
 def run_sparsity(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     """Selected singular terms per traced side, fraction of d_head used, per-head densities."""
     arts = ctx.artifacts
-    files = tracing_result_files(ctx)
-    rows, n_heads_results, lower_bound, prompts = read_term_lengths(files)
+    require_complete_trace(arts, cfg.model.name, "sparsity", cfg.allow_partial)
+    files = result_files(arts)
+    lengths = read_term_lengths(files)
+    rows = lengths.rows
     if not rows:
-        traced = sum(1 for s, _ in prompts.values() if s == "traced")
+        traced = sum(1 for s, _ in lengths.prompts.values() if s == "traced")
         raise AttncommError(
             f"sparsity: the tracing results {', '.join(str(p) for p in files)} hold no firings "
-            f"({len(prompts)} prompts listed, {traced} traced): there is nothing to measure. Check the "
-            "trace's log for why every prompt was skipped (e.g. trace.skip_incorrect=false traces "
+            f"({len(lengths.prompts)} prompts listed, {traced} traced): there is nothing to measure. Check "
+            "the trace's log for why every prompt was skipped (e.g. trace.skip_incorrect=false traces "
             "prompts the model gets wrong)"
         )
-    d_head, d_head_source, n_layers, n_heads = resolve_d_head(cfg, lower_bound)
-    if lower_bound > d_head:
-        from attncomm.io.provenance import StaleArtifactError
-
+    d_head, d_head_source, n_layers, n_heads = resolve_d_head(cfg, lengths.term_bound)
+    if lengths.term_bound > d_head:
         raise StaleArtifactError(
-            f"tracing results select term index {lower_bound - 1}, but d_head={d_head} ({d_head_source}); "
-            "the tracing results do not belong to this model: retrace with this model "
-            "(trace.overwrite=true) or use a new paths.run_dir"
+            f"tracing results select term index {lengths.term_bound - 1}, but d_head={d_head} "
+            f"({d_head_source}); the tracing results do not belong to this model: retrace with this "
+            "model (trace.overwrite=true) or use a new paths.run_dir"
         )
-    n_heads = n_heads or n_heads_results
+    n_heads = n_heads or lengths.n_heads
     df, untraced = term_counts_from_lengths(rows)
     df = with_fraction(df, d_head)
-    n_layers = n_layers or (int(df["layer"].max()) + 1 if len(df) else 0)
-    n_heads = n_heads or (int(df["head"].max()) + 1 if len(df) else 0)
+    n_layers, n_heads = head_grid(df, n_layers or None, n_heads or None)
     model, task = ctx.model_short, ctx.task_name
     log.info(
         "sparsity: %d firings (%d traced dest sides, %d traced source sides) from %s; d_head=%d (%s)",
@@ -238,7 +136,7 @@ def run_sparsity(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     )
 
     out = arts.stage_dir("sparsity")
-    stem = f"{model}_{task}"
+    stem = arts.stem
     table = df.assign(model=model, task=task, d_head=d_head)
     summ = summary(df, untraced).assign(model=model, task=task, d_head=d_head)
     hist = histogram(df, d_head)
@@ -283,7 +181,7 @@ def run_sparsity(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "sparsity/d_head": d_head,
         "sparsity/n_firings": len(rows),
-        "sparsity/n_prompts_traced": sum(1 for s, _ in prompts.values() if s == "traced"),
+        "sparsity/n_prompts_traced": sum(1 for s, _ in lengths.prompts.values() if s == "traced"),
     }
     for rec in summ.to_dict("records"):
         side = rec["side"]

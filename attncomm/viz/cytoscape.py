@@ -18,6 +18,10 @@ JavaScript + SVG (no library, no network): pan (drag), zoom (wheel, buttons), ho
 layer/head/positions, and a slider that hides edges whose ``|weight|`` (or another numeric edge
 attribute) is below a value. JavaScript errors are written into ``<pre id="js-errors">`` so a
 headless browser's DOM dump shows them; ``<body data-rendered="N">`` is set once N nodes are drawn.
+
+The viewer's page, stylesheet and scripts are package files under ``attncomm/viz/viewer/``
+(``viewer.html`` with ``{{name}}`` placeholders, ``viewer.css``, ``viewer.js``, ``error_hook.js``),
+read with :mod:`importlib.resources` and inlined into each page.
 """
 
 from __future__ import annotations
@@ -25,8 +29,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections import defaultdict
+from functools import cache
 from html import escape
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -251,268 +258,25 @@ def write_cyjs(G: nx.MultiDiGraph, path: str | Path, name: str = "") -> Path:
 
 # ----------------------------------------------------------------------------- html viewer
 
-_CSS = """
-html, body { margin: 0; height: 100%; font-family: system-ui, sans-serif; font-size: 13px; }
-body { display: flex; flex-direction: column; }
-#toolbar { display: flex; gap: 12px; align-items: center; padding: 6px 10px;
-  border-bottom: 1px solid #ccc; background: #f7f7f7; flex-wrap: wrap; }
-#toolbar h1 { font-size: 14px; margin: 0 8px 0 0; }
-#canvas { flex: 1; position: relative; overflow: hidden; background: #fff; }
-#graph { width: 100%; height: 100%; cursor: grab; display: block; }
-#graph.dragging { cursor: grabbing; }
-.edge { fill: none; stroke-opacity: 0.55; }
-.edge.type-d { stroke: #1f77b4; }
-.edge.type-s { stroke: #ff7f0e; }
-.edge.hidden, .node.hidden { display: none; }
-.edge.hl { stroke-opacity: 1; }
-.node circle, .node rect, .node polygon { stroke: #333; stroke-width: 1; }
-.node.kind-head circle { fill: #cfe3f7; }
-.node.kind-MLP rect { fill: #d5f0d0; }
-.node.kind-AH-bias polygon { fill: #f3e0b5; }
-.node.kind-Embedding rect { fill: #e6d5f2; }
-.node.kind-root rect { fill: #f6c9c9; }
-.node text { font-size: 10px; text-anchor: middle; pointer-events: none; fill: #111; }
-.node.hl circle, .node.hl rect, .node.hl polygon { stroke: #d62728; stroke-width: 3; }
-#tooltip { position: absolute; pointer-events: none; background: rgba(255,255,255,0.95);
-  border: 1px solid #888; border-radius: 4px; padding: 6px 8px; display: none; white-space: pre;
-  font-family: ui-monospace, monospace; font-size: 12px; box-shadow: 0 1px 4px rgba(0,0,0,0.2); }
-#legend span { margin-right: 10px; }
-#js-errors { color: #b00; margin: 0; padding: 0 10px; }
-#js-errors:empty { display: none; }
-"""
+#: the viewer's files (package data under ``attncomm/viz/viewer/``): the page template and what it inlines
+VIEWER_FILES: tuple[str, ...] = ("viewer.html", "viewer.css", "viewer.js", "error_hook.js")
 
-_JS = r"""
-(function () {
-  "use strict";
-  var SVGNS = "http://www.w3.org/2000/svg";
-  var cy = JSON.parse(document.getElementById("graph-data").textContent);
-  var nodes = cy.elements.nodes, edges = cy.elements.edges;
-  var svg = document.getElementById("graph");
-  var viewport = document.getElementById("viewport");
-  var edgeLayer = document.getElementById("edges"), nodeLayer = document.getElementById("nodes");
-  var tooltip = document.getElementById("tooltip");
-  var slider = document.getElementById("weight-slider");
-  var attrSelect = document.getElementById("weight-attr");
-  var shownLabel = document.getElementById("edges-shown");
-  var minLabel = document.getElementById("weight-min");
-  var byId = {}, nodeEls = {}, edgeEls = [];
-  var view = {x: 0, y: 0, k: 1};
+#: ``{{name}}`` placeholders of ``viewer.html``
+_PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
-  function el(tag, attrs, parent) {
-    var e = document.createElementNS(SVGNS, tag);
-    for (var a in attrs) { e.setAttribute(a, attrs[a]); }
-    if (parent) { parent.appendChild(e); }
-    return e;
-  }
-  function applyView() {
-    viewport.setAttribute("transform", "translate(" + view.x + "," + view.y + ") scale(" + view.k + ")");
-  }
-  function fit() {
-    if (!nodes.length) { return; }
-    var xs = nodes.map(function (n) { return n.position.x; });
-    var ys = nodes.map(function (n) { return n.position.y; });
-    var minX = Math.min.apply(null, xs) - 70, maxX = Math.max.apply(null, xs) + 70;
-    var minY = Math.min.apply(null, ys) - 40, maxY = Math.max.apply(null, ys) + 40;
-    var w = svg.clientWidth || 800, h = svg.clientHeight || 600;
-    view.k = Math.min(w / (maxX - minX), h / (maxY - minY), 2);
-    view.x = (w - (maxX + minX) * view.k) / 2;
-    view.y = (h - (maxY + minY) * view.k) / 2;
-    applyView();
-  }
-  function zoomAt(factor, cx, cy0) {
-    var k = Math.max(0.05, Math.min(20, view.k * factor));
-    view.x = cx - (cx - view.x) * (k / view.k);
-    view.y = cy0 - (cy0 - view.y) * (k / view.k);
-    view.k = k;
-    applyView();
-  }
 
-  // ---- numeric edge attributes offered by the filter
-  var numericAttrs = [];
-  ["weight", "norm_weight", "abs_avg_logit_diff", "mean_logit_diff", "n_prompts"].forEach(function (a) {
-    if (edges.some(function (e) { return typeof e.data[a] === "number"; })) { numericAttrs.push(a); }
-  });
-  numericAttrs.forEach(function (a) {
-    var o = document.createElement("option");
-    o.value = a; o.textContent = "|" + a + "|";
-    attrSelect.appendChild(o);
-  });
-  function value(e, a) { var v = e.data[a]; return typeof v === "number" ? Math.abs(v) : 0; }
-  var maxW = Math.max.apply(null, [1e-12].concat(edges.map(function (e) { return value(e, "weight"); })));
+@cache
+def viewer_asset(name: str) -> str:
+    """The text of one viewer file (see :data:`VIEWER_FILES`), read once from the installed package."""
+    if name not in VIEWER_FILES:
+        raise ValueError(f"unknown viewer file {name!r}; one of {VIEWER_FILES}")
+    return files("attncomm.viz").joinpath("viewer", name).read_text(encoding="utf-8")
 
-  // ---- draw edges (under the nodes)
-  nodes.forEach(function (n) { byId[n.data.id] = n; });
-  edges.forEach(function (e) {
-    var s = byId[e.data.source], t = byId[e.data.target];
-    if (!s || !t) { throw new Error("edge " + e.data.id + " names a missing node"); }
-    var x1 = s.position.x, y1 = s.position.y, x2 = t.position.x, y2 = t.position.y;
-    var bend = e.data.type === "s" ? 18 : -18;
-    var mx = (x1 + x2) / 2 + bend, my = (y1 + y2) / 2;
-    var dx = x2 - mx, dy = y2 - my, len = Math.sqrt(dx * dx + dy * dy) || 1;
-    var stop = t.data.kind === "root" ? 18 : 19;  // end the arrow at the target's outline
-    x2 -= dx / len * stop; y2 -= dy / len * stop;
-    var width = 0.6 + 5 * value(e, "weight") / maxW;
-    var path = el("path", {
-      "class": "edge type-" + (e.data.type || "d"),
-      "d": "M" + x1 + "," + y1 + " Q" + mx + "," + my + " " + x2 + "," + y2,
-      "stroke-width": width.toFixed(2),
-      "marker-end": "url(#arrow-" + (e.data.type === "s" ? "s" : "d") + ")",
-      "data-id": e.data.id
-    }, edgeLayer);
-    var title = el("title", {}, path);
-    title.textContent = e.data.source + " -> " + e.data.target + "\ntype " + e.data.type +
-      "  weight " + (typeof e.data.weight === "number" ? e.data.weight.toPrecision(4) : "?");
-    edgeEls.push({data: e, el: path});
-  });
 
-  // ---- draw nodes
-  nodes.forEach(function (n) {
-    var d = n.data, kind = d.kind || "head";
-    var g = el("g", {
-      "class": "node kind-" + kind.replace(" ", "-"),
-      "data-id": d.id,
-      "transform": "translate(" + n.position.x + "," + n.position.y + ")"
-    }, nodeLayer);
-    if (kind === "head") {
-      el("circle", {r: 17}, g);
-    } else if (kind === "AH bias") {
-      el("polygon", {points: "0,-17 24,0 0,17 -24,0"}, g);
-    } else if (kind === "root") {
-      el("rect", {x: -110, y: -16, width: 220, height: 32, rx: 6}, g);
-    } else {
-      el("rect", {x: -24, y: -14, width: 48, height: 28, rx: 3}, g);
-    }
-    var top = el("text", {y: -1}, g), bottom = el("text", {y: 10}, g);
-    if (kind === "head") { top.textContent = d.layer + "." + d.head; }
-    else if (kind === "MLP") { top.textContent = "MLP" + d.layer; }
-    else if (kind === "AH bias") { top.textContent = "bias" + d.layer; }
-    else if (kind === "Embedding") { top.textContent = "Emb"; }
-    else { top.textContent = d.label; }
-    var pos = d.positions || [];
-    bottom.textContent = kind === "root" ? "" :
-      (pos.length === 2 && pos[0] !== pos[1] ? pos[0] + "\u2192" + pos[1] : (pos[0] || ""));
-    nodeEls[d.id] = g;
-    g.addEventListener("mouseenter", function (ev) { showTip(n, ev); highlight(d.id, true); });
-    g.addEventListener("mousemove", function (ev) { moveTip(ev); });
-    g.addEventListener("mouseleave", function () { tooltip.style.display = "none"; highlight(d.id, false); });
-  });
-
-  function showTip(n, ev) {
-    var d = n.data, lines = [d.label, "id: " + d.id];
-    if (d.kind !== "root") {
-      lines.push("layer: " + d.layer);
-      lines.push(d.kind === "head" ? "head: " + d.head : "component: " + d.component);
-      lines.push("positions: dest " + d.dest + ", src " + d.src);
-    } else { lines.push("position: " + d.dest); }
-    if (d.n_appearences !== undefined) { lines.push("n_appearences: " + d.n_appearences); }
-    var ins = 0, outs = 0;
-    edgeEls.forEach(function (e) {
-      if (e.data.data.target === d.id) { ins++; }
-      if (e.data.data.source === d.id) { outs++; }
-    });
-    lines.push("in-edges: " + ins + ", out-edges: " + outs);
-    tooltip.textContent = lines.join("\n");
-    tooltip.style.display = "block";
-    moveTip(ev);
-  }
-  function moveTip(ev) {
-    var r = svg.getBoundingClientRect();
-    tooltip.style.left = (ev.clientX - r.left + 14) + "px";
-    tooltip.style.top = (ev.clientY - r.top + 14) + "px";
-  }
-  function highlight(id, on) {
-    nodeEls[id].classList.toggle("hl", on);
-    edgeEls.forEach(function (e) {
-      if (e.data.data.source === id || e.data.data.target === id) { e.el.classList.toggle("hl", on); }
-    });
-  }
-
-  // ---- weight filter
-  function applyFilter() {
-    var a = attrSelect.value || "weight";
-    var vals = edges.map(function (e) { return value(e, a); });
-    var maxV = Math.max.apply(null, [0].concat(vals));
-    var thr = maxV * Number(slider.value) / 1000;
-    var shown = 0;
-    edgeEls.forEach(function (e, i) {
-      var hide = vals[i] < thr;
-      e.el.classList.toggle("hidden", hide);
-      if (!hide) { shown++; }
-    });
-    minLabel.textContent = thr.toPrecision(3);
-    shownLabel.textContent = shown + " / " + edges.length;
-  }
-  slider.addEventListener("input", applyFilter);
-  attrSelect.addEventListener("change", applyFilter);
-
-  // ---- pan and zoom
-  var drag = null;
-  svg.addEventListener("mousedown", function (ev) {
-    drag = {x: ev.clientX, y: ev.clientY, vx: view.x, vy: view.y};
-    svg.classList.add("dragging");
-  });
-  window.addEventListener("mousemove", function (ev) {
-    if (!drag) { return; }
-    view.x = drag.vx + ev.clientX - drag.x;
-    view.y = drag.vy + ev.clientY - drag.y;
-    applyView();
-  });
-  window.addEventListener("mouseup", function () { drag = null; svg.classList.remove("dragging"); });
-  svg.addEventListener("wheel", function (ev) {
-    ev.preventDefault();
-    var r = svg.getBoundingClientRect();
-    zoomAt(ev.deltaY < 0 ? 1.15 : 1 / 1.15, ev.clientX - r.left, ev.clientY - r.top);
-  }, {passive: false});
-  document.getElementById("zoom-in").addEventListener("click", function () {
-    zoomAt(1.25, svg.clientWidth / 2, svg.clientHeight / 2);
-  });
-  document.getElementById("zoom-out").addEventListener("click", function () {
-    zoomAt(1 / 1.25, svg.clientWidth / 2, svg.clientHeight / 2);
-  });
-  document.getElementById("fit").addEventListener("click", fit);
-  window.addEventListener("resize", fit);
-
-  applyFilter();
-  fit();
-  document.body.setAttribute("data-rendered", String(nodes.length));
-  document.body.setAttribute("data-edges", String(edges.length));
-
-  // ---- "#selftest": exercise hover, filter and zoom, report into <pre id="selftest"> (for tests)
-  if (window.location.hash === "#selftest") {
-    var report = {};
-    var heads = nodes.filter(function (n) { return n.data.kind === "head"; });
-    var probe = heads.length ? heads[0] : nodes[0];
-    var first = probe ? nodeEls[probe.data.id] : null;
-    if (first) {
-      first.dispatchEvent(new MouseEvent("mouseenter", {clientX: 10, clientY: 10}));
-      report.tooltip = tooltip.textContent;
-      report.tooltip_visible = tooltip.style.display === "block";
-      report.highlighted = document.querySelectorAll(".node.hl").length;
-      first.dispatchEvent(new MouseEvent("mouseleave"));
-    }
-    attrSelect.value = "weight";
-    slider.value = "500";
-    slider.dispatchEvent(new Event("input"));
-    report.shown_at_half = edgeEls.filter(function (e) { return !e.el.classList.contains("hidden"); }).length;
-    slider.value = "0";
-    slider.dispatchEvent(new Event("input"));
-    report.shown_at_zero = document.querySelectorAll("path.edge:not(.hidden)").length;
-    var k0 = view.k;
-    document.getElementById("zoom-in").click();
-    report.zoom_ratio = view.k / k0;
-    fit();
-    document.getElementById("selftest").textContent = JSON.stringify(report);
-  }
-})();
-"""
-
-_ERROR_HOOK = r"""
-window.onerror = function (msg, src, line, col, err) {
-  var box = document.getElementById("js-errors");
-  box.textContent += "JS error: " + msg + " (line " + line + ")\n";
-  document.body.setAttribute("data-js-error", "1");
-};
-"""
+def fill_template(template: str, values: dict[str, str]) -> str:
+    """Replace every ``{{name}}`` of ``template`` by ``values[name]`` in one pass (a value's own text is
+    never searched for placeholders); a placeholder without a value raises ``KeyError``."""
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
 def _script_json(payload: Any) -> str:
@@ -526,49 +290,18 @@ def graph_to_html(G: nx.MultiDiGraph, title: str = "ACC graph") -> str:
     cy = graph_to_cytoscape(G, title)
     n_d = sum(1 for _, _, t in G.edges(data="type") if t == "d")
     n_s = G.number_of_edges() - n_d
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{escape(title)}</title>
-<script>{_ERROR_HOOK}</script>
-<style>{_CSS}</style>
-</head>
-<body>
-<div id="toolbar">
-  <h1>{escape(title)}</h1>
-  <span>{G.number_of_nodes()} nodes, {G.number_of_edges()} edges</span>
-  <label>filter by <select id="weight-attr"></select></label>
-  <label>min <input id="weight-slider" type="range" min="0" max="1000" value="0" step="1"></label>
-  <span>&ge; <span id="weight-min">0</span>, edges shown <span id="edges-shown"></span></span>
-  <button id="zoom-in" type="button">+</button>
-  <button id="zoom-out" type="button">&minus;</button>
-  <button id="fit" type="button">fit</button>
-  <span id="legend"><span style="color:#1f77b4">&#9644; dest (d) edge: {n_d}</span>
-  <span style="color:#ff7f0e">&#9644; source (s) edge: {n_s}</span></span>
-</div>
-<pre id="js-errors"></pre>
-<pre id="selftest" hidden></pre>
-<div id="canvas">
-<svg id="graph" xmlns="http://www.w3.org/2000/svg">
-  <defs>
-    <marker id="arrow-d" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="9" markerHeight="9"
-      markerUnits="userSpaceOnUse"
-      orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#1f77b4"/></marker>
-    <marker id="arrow-s" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="9" markerHeight="9"
-      markerUnits="userSpaceOnUse"
-      orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#ff7f0e"/></marker>
-  </defs>
-  <g id="viewport"><g id="edges"></g><g id="nodes"></g></g>
-</svg>
-<div id="tooltip"></div>
-</div>
-<script type="application/json" id="graph-data">{_script_json(cy)}</script>
-<script>{_JS}</script>
-</body>
-</html>
-"""
+    values = {
+        "title": escape(title),
+        "error_hook": viewer_asset("error_hook.js"),
+        "css": viewer_asset("viewer.css"),
+        "js": viewer_asset("viewer.js"),
+        "n_nodes": str(G.number_of_nodes()),
+        "n_edges": str(G.number_of_edges()),
+        "n_d": str(n_d),
+        "n_s": str(n_s),
+        "graph_json": _script_json(cy),
+    }
+    return fill_template(viewer_asset("viewer.html"), values)
 
 
 def write_html(G: nx.MultiDiGraph, path: str | Path, title: str = "") -> Path:
