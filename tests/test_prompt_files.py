@@ -21,12 +21,13 @@ from transformers import GPT2TokenizerFast
 from attncomm.io.prompt_files import PromptFileError, read_prompt_file
 from attncomm.models.gpt2_tokenizer import gpt2_tokenizer
 from attncomm.runtime.config import AppConfig, register_configs
-from attncomm.runtime.registry import RunContext
+from attncomm.runtime.registry import RunContext, get_stage
 from attncomm.stages.pipeline import run_pipeline
 from attncomm.tasks import get_task, task_run_name
 from attncomm.tasks.base import CorruptedPromptsError
 from attncomm.tasks.prompt_file import seed_task_path
 from attncomm.tasks.seed_data import generate
+from tests.fakes import RecordingTracker
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF = str(REPO_ROOT / "conf")
@@ -293,6 +294,30 @@ def test_pipeline_on_a_prompt_file(tmp_path: Path, tok, which: str) -> None:
     (pruned,) = ctx.run_dir.glob("pruned_graphs*/*_0.0.graphml")
     assert nx.read_graphml(pruned).number_of_edges() > 0, summary
     assert list(ctx.run_dir.glob(f"interventions_graph_{model}_{name}_n3_*.graphml"))
+
+
+def test_describe_reports_rows_and_logs_drops(tmp_path: Path, tok, caplog) -> None:
+    app = compose_app(
+        [
+            "model=tiny-gpt2",
+            "task=file",
+            f"task.path={eap_csv(tmp_path, tok)}",
+            "task.n_prompts=2",
+            "stage=describe",
+            f"paths.root={tmp_path / 'out'}",
+        ]
+    )
+    tracker = RecordingTracker()
+    ctx = RunContext.from_config(app, tracker=tracker)  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="attncomm.stages.describe"):
+        summary = get_stage("describe").run(app, ctx)
+    printed = caplog.text
+    assert "read 4 rows, dropped 1 (duplicate of an earlier row: 1)" in printed
+    assert "eap_ioi.csv row 1: [' Mary'] | [' John']" in printed
+    assert summary["file_rows_read"] == 4 and summary["file_rows_dropped"] == 1
+    assert summary["file_rows_used"] == 2 and summary["n_prompts"] == 2
+    assert tracker.logged["task_file/rows_dropped"] == 1
+    assert tracker.logged["task_file/dropped/duplicate of an earlier row"] == 1
 
 
 # ------------------------------------------------------------------------- bad input, through the CLI
