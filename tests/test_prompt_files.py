@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -201,6 +202,34 @@ def test_unequal_corrupted_lengths_error_names_the_row(tmp_path: Path, tok) -> N
     with pytest.raises(CorruptedPromptsError, match=r"act_patch .*/u.jsonl line 2 \(1 of 2 prompts differ\)"):
         p.require_corrupted("act_patch")
     assert p.require_corrupted("eap", equal_lengths=False) is p.corrupted_tokens
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([SYLLOGISM, {"prompt": "1 2 3", "answer": " 4"}], "line 2: no corrupted prompt, while other rows"),
+        ([{"prompt": "1 2 3", "answer": " 4", "roles": {"x": "seven"}}], "role 'x' names the word 'seven'"),
+        ([{"prompt": "1 2 3", "answer": " 4", "roles": {"end": 0}}], "role 'end' is a built-in position"),
+        ([{"prompt": "1 2 3", "answer": " 4", "roles": {"x": 9}}], "role 'x' at token index 9"),
+        ([{"prompt": "1 2 3", "answer": " 4", "roles": ["x"]}], "'roles' must map role names"),
+        ([{"prompt": "1 2 3", "label": "[1, 2, 3]"}], "column 'label' holds 3 ids"),
+        ([{"prompt": "1 2 3", "correct_idx": "four"}], "column 'correct_idx' must hold a token id"),
+        ([{"prompt": "1 2 3", "corrupted": "", "answer": " 4"}], "empty corrupted prompt"),
+    ],
+)
+def test_structure_errors_name_the_row(tmp_path: Path, tok, rows: list[dict], message: str) -> None:
+    path = write_jsonl(tmp_path / "e.jsonl", rows)
+    with pytest.raises(PromptFileError, match=re.escape(message)) as err:
+        get_task("file", path=path).make_prompts(tok, len(rows))
+    assert str(path) in str(err.value)
+
+
+def test_too_few_rows_says_how_many(tmp_path: Path, tok) -> None:
+    path = write_jsonl(tmp_path / "few.jsonl", [{"prompt": "1 2 3", "answer": " 4"}])
+    with pytest.raises(PromptFileError, match=r"1 usable rows .* set task.n_prompts=1"):
+        get_task("file", path=path).make_prompts(tok, 5)
+    with pytest.raises(PromptFileError, match="set task.path=FILE"):
+        get_task("file")
 
 
 def test_run_name_of_a_file_task() -> None:
