@@ -26,7 +26,7 @@ from attncomm.runtime.registry import RunContext, get_stage
 from attncomm.stages.pipeline import run_pipeline
 from attncomm.tasks import get_task, task_run_name
 from attncomm.tasks.base import CorruptedPromptsError
-from attncomm.tasks.prompt_file import seed_task_path
+from attncomm.tasks.file_tasks import seed_task_path
 from attncomm.tasks.seed_data import generate
 from tests.fakes import RecordingTracker
 
