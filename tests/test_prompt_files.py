@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,12 +22,13 @@ from transformers import GPT2TokenizerFast
 from attncomm.io.prompt_files import PromptFileError, read_prompt_file
 from attncomm.models.gpt2_tokenizer import gpt2_tokenizer
 from attncomm.runtime.config import AppConfig, register_configs
-from attncomm.runtime.registry import RunContext
+from attncomm.runtime.registry import RunContext, get_stage
 from attncomm.stages.pipeline import run_pipeline
 from attncomm.tasks import get_task, task_run_name
 from attncomm.tasks.base import CorruptedPromptsError
-from attncomm.tasks.prompt_file import seed_task_path
+from attncomm.tasks.file_tasks import seed_task_path
 from attncomm.tasks.seed_data import generate
+from tests.fakes import RecordingTracker
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF = str(REPO_ROOT / "conf")
@@ -202,6 +204,34 @@ def test_unequal_corrupted_lengths_error_names_the_row(tmp_path: Path, tok) -> N
     assert p.require_corrupted("eap", equal_lengths=False) is p.corrupted_tokens
 
 
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([SYLLOGISM, {"prompt": "1 2 3", "answer": " 4"}], "line 2: no corrupted prompt, while other rows"),
+        ([{"prompt": "1 2 3", "answer": " 4", "roles": {"x": "seven"}}], "role 'x' names the word 'seven'"),
+        ([{"prompt": "1 2 3", "answer": " 4", "roles": {"end": 0}}], "role 'end' is a built-in position"),
+        ([{"prompt": "1 2 3", "answer": " 4", "roles": {"x": 9}}], "role 'x' at token index 9"),
+        ([{"prompt": "1 2 3", "answer": " 4", "roles": ["x"]}], "'roles' must map role names"),
+        ([{"prompt": "1 2 3", "label": "[1, 2, 3]"}], "column 'label' holds 3 ids"),
+        ([{"prompt": "1 2 3", "correct_idx": "four"}], "column 'correct_idx' must hold a token id"),
+        ([{"prompt": "1 2 3", "corrupted": "", "answer": " 4"}], "empty corrupted prompt"),
+    ],
+)
+def test_structure_errors_name_the_row(tmp_path: Path, tok, rows: list[dict], message: str) -> None:
+    path = write_jsonl(tmp_path / "e.jsonl", rows)
+    with pytest.raises(PromptFileError, match=re.escape(message)) as err:
+        get_task("file", path=path).make_prompts(tok, len(rows))
+    assert str(path) in str(err.value)
+
+
+def test_too_few_rows_says_how_many(tmp_path: Path, tok) -> None:
+    path = write_jsonl(tmp_path / "few.jsonl", [{"prompt": "1 2 3", "answer": " 4"}])
+    with pytest.raises(PromptFileError, match=r"1 usable rows .* set task.n_prompts=1"):
+        get_task("file", path=path).make_prompts(tok, 5)
+    with pytest.raises(PromptFileError, match="set task.path=FILE"):
+        get_task("file")
+
+
 def test_run_name_of_a_file_task() -> None:
     class Cfg:
         name, path = "file", "/data/My Prompts.v2.jsonl"
@@ -293,6 +323,30 @@ def test_pipeline_on_a_prompt_file(tmp_path: Path, tok, which: str) -> None:
     (pruned,) = ctx.run_dir.glob("pruned_graphs*/*_0.0.graphml")
     assert nx.read_graphml(pruned).number_of_edges() > 0, summary
     assert list(ctx.run_dir.glob(f"interventions_graph_{model}_{name}_n3_*.graphml"))
+
+
+def test_describe_reports_rows_and_logs_drops(tmp_path: Path, tok, caplog) -> None:
+    app = compose_app(
+        [
+            "model=tiny-gpt2",
+            "task=file",
+            f"task.path={eap_csv(tmp_path, tok)}",
+            "task.n_prompts=2",
+            "stage=describe",
+            f"paths.root={tmp_path / 'out'}",
+        ]
+    )
+    tracker = RecordingTracker()
+    ctx = RunContext.from_config(app, tracker=tracker)  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="attncomm.stages.describe"):
+        summary = get_stage("describe").run(app, ctx)
+    printed = caplog.text
+    assert "read 4 rows, dropped 1 (duplicate of an earlier row: 1)" in printed
+    assert "eap_ioi.csv row 1: [' Mary'] | [' John']" in printed
+    assert summary["file_rows_read"] == 4 and summary["file_rows_dropped"] == 1
+    assert summary["file_rows_used"] == 2 and summary["n_prompts"] == 2
+    assert tracker.logged["task_file/rows_dropped"] == 1
+    assert tracker.logged["task_file/dropped/duplicate of an earlier row"] == 1
 
 
 # ------------------------------------------------------------------------- bad input, through the CLI

@@ -321,7 +321,9 @@ class RunContext:
             )
         report = prompts.extra.get("prompt_file")
         if report:  # a prompt-file task: rows read / dropped (and why) go to wandb and the manifest
-            self.tracker.summary({f"task_file/{k}": v for k, v in report.items()})
+            counts = {f"task_file/{k}": v for k, v in report.items() if isinstance(v, int)}
+            counts |= {f"task_file/dropped/{k}": v for k, v in report["dropped_reasons"].items()}
+            self.tracker.log_metrics(counts)
         return prompts
 
     def record(self, stage: str, files: list[Path], extra: Any = None) -> None:

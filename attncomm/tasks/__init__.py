@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from attncomm.tasks.base import Task, TaskPrompts, TaskTokenizerError, UnknownTaskError
+from attncomm.tasks.file_tasks import FilePromptTask, SequenceTask, SyllogismTask
 from attncomm.tasks.gp import GenderedPronounTask
 from attncomm.tasks.gt import GreaterThanTask
 from attncomm.tasks.induction import InductionTask
 from attncomm.tasks.ioi import IOITask
-from attncomm.tasks.prompt_file import FilePromptTask, SequenceTask, SyllogismTask
 
 _TASKS: dict[str, type[Task]] = {
     "ioi": IOITask,
