@@ -93,6 +93,7 @@ def test_unsupported_architecture_lists_the_families(tmp_path: Path) -> None:
     assert all(family in message for family in FAMILIES)
 
 
+@pytest.mark.cli
 def test_cli_unsupported_architecture_exits_2(tmp_path: Path) -> None:
     env = dict(os.environ, ATTNCOMM_CACHE=os.environ.get("ATTNCOMM_CACHE", str(tmp_path / "cache")))
     args = ["model=hf", f"model.path={bert_dir(tmp_path)}", "stage=describe", f"paths.root={tmp_path / 'o'}"]

@@ -291,6 +291,7 @@ def compose_app(overrides: list[str]) -> AppConfig:
     return app
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["syllogism", "sequence", "eap_csv", "autocircuit"])
 def test_pipeline_on_a_prompt_file(tmp_path: Path, tok, which: str) -> None:
     task = {
@@ -378,6 +379,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_cli_bad_prompt_files_exit_2(tmp_path: Path, case: str) -> None:
     name, content, message = BAD_INPUTS[case]
