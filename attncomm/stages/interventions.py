@@ -91,7 +91,9 @@ def load_intervention_inputs(cfg: AppConfig, ctx: RunContext, threshold: float) 
     arts = ctx.artifacts
     source = arts.require(arts.combined_graph(threshold), "combined_graphs")
     from attncomm.io.completeness import require_merged_results
+    from attncomm.io.provenance import require_trace_inputs_match
 
+    require_trace_inputs_match(cfg, arts.tracing_results_dir, "interventions", include_model=True)
     results = require_merged_results(arts, cfg.model.name, "interventions", cfg.allow_partial)
     task, prompts = ctx.task, ctx.prompts
 

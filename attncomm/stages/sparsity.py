@@ -68,8 +68,10 @@ _DEST, _SRC = "svs_used_decomp_i", "svs_used_decomp_j"
 def tracing_result_files(ctx: RunContext) -> list[Path]:
     """The merged tracing results, else the shard files, else a MissingArtifactError."""
     from attncomm.io.completeness import require_complete_trace
+    from attncomm.io.provenance import require_trace_inputs_match
 
     arts = ctx.artifacts
+    require_trace_inputs_match(ctx.cfg, arts.tracing_results_dir, "sparsity", include_model=False)
     require_complete_trace(arts, ctx.cfg.model.name, "sparsity", ctx.cfg.allow_partial)
     merged = arts.tracing_results()
     if merged.is_file():
