@@ -529,7 +529,7 @@ def run_experiments(
     x_clean: dict[tuple[int, int], Tensor] = {}  # (unit, prompt) -> x at the intervened position
     removals: dict[tuple[int, int, int], tuple[Tensor, Removal]] = {}  # (unit, op, prompt)
     chunks = [list(range(a, min(n_prompts, a + batch_size))) for a in range(0, n_prompts, batch_size)]
-    for ids in tqdm(chunks, desc="experiments: clean runs", leave=False, disable=not progress):
+    for ids in tqdm(chunks, desc="experiments: clean runs", leave=False, disable=None if progress else True):
         logits, cache = model.run_with_cache(tokens[ids], names)
         before[ids] = metric(logits, ids).detach().to("cpu", torch.float64).numpy()
         for j, unit in enumerate(units):
@@ -570,7 +570,10 @@ def run_experiments(
     after: dict[tuple[int, int, int], float] = {}
     attn_after: dict[tuple[int, int, int], float] = {}
     with tqdm(
-        total=len(units) * len(OPERATIONS), desc="experiments", unit="edge x op", disable=not progress
+        total=len(units) * len(OPERATIONS),
+        desc="experiments",
+        unit="edge x op",
+        disable=None if progress else True,
     ) as bar:
         left = Counter((j, i) for j, i, _ in flat)
         bar.update(len(units) * len(OPERATIONS) - len(left))

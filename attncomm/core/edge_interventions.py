@@ -467,7 +467,10 @@ def intervention_graph(
     names = needed_hooks(model)
     memo: dict[tuple[int, int, int, str], Tensor] = {}
     for chunk in tqdm(
-        list(_chunks(len(prompts), batch_size)), desc="clean runs", leave=False, disable=not progress
+        list(_chunks(len(prompts), batch_size)),
+        desc="clean runs",
+        leave=False,
+        disable=None if progress else True,
     ):
         ids = [prompts[c] for c in chunk]
         logits, cache = model.run_with_cache(tokens[ids], names)
@@ -482,7 +485,7 @@ def intervention_graph(
     # 2. intervened runs, batches of sites in edge order
     after: dict[tuple[int, int], float] = {}
     done_sites = [0] * len(work)
-    with tqdm(total=len(work), desc="interventions", unit="edge", disable=not progress) as bar:
+    with tqdm(total=len(work), desc="interventions", unit="edge", disable=None if progress else True) as bar:
         bar.update(sum(1 for w in work if not w.sites))
         for chunk in _chunks(len(flat), batch_size):
             pairs = [flat[c] for c in chunk]

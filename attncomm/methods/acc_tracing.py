@@ -168,7 +168,7 @@ def trace_prompts(
     labels_all = prompts.token_labels(model.tokenizer) if with_tokens else prompts.labels
     directions = task.direction(model.weights.W_U, prompts)
     names = needed_hooks(model)
-    bar = tqdm(total=n_prompts, desc="tracing prompts", disable=not progress)
+    bar = tqdm(total=n_prompts, desc="tracing prompts", disable=None if progress else True)
     for start in range(0, n_prompts, batch_size):
         rows = list(range(start, min(n_prompts, start + batch_size)))
         sub = prompts.subset(rows)

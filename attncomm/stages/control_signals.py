@@ -107,7 +107,7 @@ def collect_signals(
     tok = model.tokenizer
     rows: list[dict[str, Any]] = []
     signals: list[np.ndarray] = []
-    bar = tqdm(total=len(prompts), desc="control signals: prompts", disable=not progress)
+    bar = tqdm(total=len(prompts), desc="control signals: prompts", disable=None if progress else True)
     for start in range(0, len(prompts), batch_size):
         idx = list(range(start, min(len(prompts), start + batch_size)))
         sub = prompts.subset(idx)
