@@ -15,7 +15,11 @@ import logging
 import os
 import sys
 
-import hydra
+if not sys.stderr.isatty():  # no line per progress update in log files (read when tqdm is imported)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import hydra  # noqa: E402 - the environment above must be set before tqdm is imported
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -27,8 +31,6 @@ from attncomm.runtime.registry import run_job
 
 log = logging.getLogger("attncomm")
 register_configs()
-if not sys.stderr.isatty():
-    os.environ.setdefault("TQDM_DISABLE", "1")  # no line per progress update in log files
 
 
 def _full_errors() -> bool:

@@ -23,7 +23,7 @@ from tests import models_fixtures as fixtures
 from tests.conftest import REPO_ROOT
 
 #: files whose bytes must match (figures and the manifest carry times and versions)
-COMPARED = (".graphml", ".h5", ".csv", ".parquet", ".json")
+COMPARED = (".graphml", ".h5", ".csv", ".parquet", ".json", ".cyjs", ".html")
 SKIPPED_NAMES = ("manifest.json", "manifest.jsonl")
 
 
@@ -35,7 +35,9 @@ def overrides(stage: str, run_dir: Path) -> list[str]:
         "task.n_prompts=4",
         "task.batch_size=1",
         "trace.skip_incorrect=false",
-        "unify.thresholds=[0.0,0.5]",
+        "unify.thresholds=[0.0,0.01,0.5]",
+        "prune.step=0.25",
+        "export.thresholds=[0.5]",
         "logger.mode=disabled",
         f"paths.run_dir={run_dir}",
         f"paths.root={run_dir.parent / 'root'}",
@@ -85,23 +87,52 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def intervened(traced: Path) -> Path:
+    run_dir = traced.parent / "intervened"
+    shutil.copytree(traced, run_dir)
+    in_process("unify", run_dir)
+    in_process("interventions", run_dir)
+    return run_dir
+
+
+#: stage -> which prepared run directory it starts from (None: an empty one)
+STARTS = {"omega": None, "trace": None, "unify": "traced", "sparsity": "traced", "interventions": "unified"}
+STARTS |= {"prune": "intervened", "export": "intervened"}
+
+
 @pytest.mark.slow
 @pytest.mark.cli
-@pytest.mark.parametrize(("stage", "crash_at"), [("omega", 2), ("trace", 3), ("unify", 2), ("sparsity", 2)])
+@pytest.mark.parametrize(
+    ("stage", "crash_at"),
+    [
+        ("omega", 2),
+        ("trace", 3),
+        ("unify", 2),
+        ("sparsity", 2),
+        ("interventions", 1),
+        ("prune", 3),
+        ("export", 2),
+    ],
+)
 def test_sigkill_mid_write_then_rerun_gives_identical_artifacts(
-    traced: Path, tmp_path: Path, stage: str, crash_at: int
+    request: pytest.FixtureRequest, tmp_path: Path, stage: str, crash_at: int
 ) -> None:
     clean, killed = tmp_path / "clean", tmp_path / "killed"
-    if stage in ("unify", "sparsity"):  # they read a finished trace
-        shutil.copytree(traced, clean)
-        shutil.copytree(traced, killed)
+    start = STARTS[stage]
+    if start is not None:
+        source = request.getfixturevalue("intervened" if start == "intervened" else "traced")
+        for target in (clean, killed):
+            shutil.copytree(source, target)
+            if start == "unified":
+                in_process("unify", target)
     in_process(stage, clean)
-    before = artifact_bytes(killed) if killed.exists() else {}
     crashed = cli(stage, killed, crash_at)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
-    assert artifact_bytes(killed) != artifact_bytes(clean) or before == artifact_bytes(clean)
+    assert artifact_bytes(killed) != artifact_bytes(clean)  # the crash really cut the job short
     rerun = cli(stage, killed, None)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "it/s]" not in rerun.stderr  # no progress-bar lines when stderr is not a terminal
     want, got = artifact_bytes(clean), artifact_bytes(killed)
     assert sorted(got) == sorted(want)
     differing = [name for name in want if want[name] != got[name]]

@@ -498,3 +498,19 @@ def test_experiment_edges_are_bounded_by_the_model_shape() -> None:
         check_edges_fit_model(edges, n_layers=2, n_heads=4, model="toy")
     with pytest.raises(AttncommError, match="layer"):
         parse_experiment_edges([["(" + "9" * 900 + ", 0, 'end', 'S1')", "(2, 3, 'end', 'IO')"]])
+
+
+def test_consumers_refuse_tracing_results_of_other_weights_or_settings(traced: Path, tmp_path: Path) -> None:
+    """Item 1, downstream: interventions with other weights, unify with other trace settings."""
+    from attncomm.stages.interventions import load_intervention_inputs
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(traced, run_dir)
+    cfg = config()
+    run_unify(cfg, RunContext.for_tests(cfg, run_dir))
+    other = config(path_model(perturbed_copy(tmp_path)))
+    with pytest.raises(StaleArtifactError, match="interventions.*model.weights"):
+        load_intervention_inputs(other, RunContext.for_tests(other, run_dir), 0.0)
+    changed = config(upstream_fraction=0.5)
+    with pytest.raises(StaleArtifactError, match=r"trace\.upstream_fraction: 0\.7 -> 0\.5"):
+        run_unify(changed, RunContext.for_tests(changed, run_dir))

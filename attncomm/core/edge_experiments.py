@@ -574,7 +574,10 @@ def intervened_runs(
     after: dict[tuple[int, int, int], float] = {}
     attn_after: dict[tuple[int, int, int], float] = {}
     with tqdm(
-        total=len(units) * len(OPERATIONS), desc="experiments", unit="edge x op", disable=not run.progress
+        total=len(units) * len(OPERATIONS),
+        desc="experiments",
+        unit="edge x op",
+        disable=None if run.progress else True,
     ) as bar:
         left = Counter((j, i) for j, i, _ in flat)
         bar.update(len(units) * len(OPERATIONS) - len(left))

@@ -470,7 +470,7 @@ def cached_runs(
     between batches.
     """
     chunks = list(batch_ranges(len(prompts), batch_size))
-    for chunk in tqdm(chunks, desc=desc, leave=False, disable=not progress):
+    for chunk in tqdm(chunks, desc=desc, leave=False, disable=None if progress else True):
         ids = [prompts[c] for c in chunk]
         yield (ids, *model.run_with_cache(tokens[ids], names))
 
@@ -526,7 +526,7 @@ def intervention_graph(
     # 2. intervened runs, batches of sites in edge order
     after: dict[tuple[int, int], float] = {}
     done_sites = [0] * len(work)
-    with tqdm(total=len(work), desc="interventions", unit="edge", disable=not progress) as bar:
+    with tqdm(total=len(work), desc="interventions", unit="edge", disable=None if progress else True) as bar:
         bar.update(sum(1 for w in work if not w.sites))
         for chunk in batch_ranges(len(flat), batch_size):
             pairs = [flat[c] for c in chunk]

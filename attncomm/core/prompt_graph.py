@@ -172,7 +172,7 @@ def trace_prompt(
                 pending[int(layer)].append(key)
 
     results: dict[FiringKey, FiringResult] = {}
-    bar = tqdm(total=0, desc="firings", disable=not progress, leave=False)
+    bar = tqdm(total=0, desc="firings", disable=None if progress else True, leave=False)
     for layer in range(L - 1, -1, -1):
         keys = pending.pop(layer, [])
         if not keys or layer == 0:

@@ -263,3 +263,25 @@ def model_dir_name(root: str | os.PathLike[str], cfg: Any) -> str:
             return name
     log.warning("model folder %s/%s is claimed by other weights; writing beside it", root, short)
     return f"{short}-{identity['model.weights'][:8]}"
+
+
+def require_trace_inputs_match(cfg: Any, folder: Path, stage: str, *, include_model: bool) -> None:
+    """Refuse tracing results recorded (``folder/provenance.json``) with other settings than ``cfg``'s.
+
+    Compares the task, prompt and trace settings, and the model's identity when ``include_model``
+    (stages that load the model anyway). Results without a record (made elsewhere, e.g. published
+    ones copied in) are accepted.
+    """
+    recorded = read_key(folder)
+    if recorded is None:
+        return
+    key = {**task_identity(cfg), **trace_settings(cfg)}
+    if include_model:
+        key.update(model_key(cfg))
+    diff = differences({k: recorded.get(k) for k in key}, key)
+    if diff:
+        raise StaleArtifactError(
+            f"{stage}: the tracing results in {folder} were made with other settings than this job's: "
+            f"{'; '.join(diff)}. Use this job's settings, retrace with trace.overwrite=true, or write to "
+            "a new run directory with paths.run_dir=NEW_DIR"
+        )

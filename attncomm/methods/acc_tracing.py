@@ -205,7 +205,7 @@ def trace_prompts(
     omega = omega_cache if omega_cache is not None else build_omega_cache(model, dtype)
     labels_all = prompts.token_labels(model.tokenizer) if with_tokens else prompts.labels
     directions = task.direction(model.weights.W_U, prompts)
-    bar = tqdm(total=n_prompts, desc="tracing prompts", disable=not progress)
+    bar = tqdm(total=n_prompts, desc="tracing prompts", disable=None if progress else True)
     for rows, sub, logits, cache in cached_batches(model, prompts, needed_hooks(model), batch_size):
         correct = task.is_correct(logits, sub).cpu()
         del logits
@@ -269,7 +269,7 @@ def collect_signals(
     tok = model.tokenizer
     rows: list[dict[str, Any]] = []
     signals: list[np.ndarray] = []
-    bar = tqdm(total=len(prompts), desc="control signals: prompts", disable=not progress)
+    bar = tqdm(total=len(prompts), desc="control signals: prompts", disable=None if progress else True)
     for idx, sub, logits, cache in cached_batches(model, prompts, signal_hooks(model), batch_size):
         del logits
         for i, row in enumerate(idx):

@@ -18,6 +18,7 @@ from torch import Tensor
 from attncomm.core.omega_factors import OmegaCache
 from attncomm.io.completeness import require_merged_results
 from attncomm.io.graphml import read_graph
+from attncomm.io.provenance import require_trace_inputs_match
 from attncomm.io.results import SelectedTerms
 from attncomm.methods.acc_tracing import build_omega_cache
 from attncomm.runtime.config import AppConfig
@@ -52,6 +53,7 @@ def load_intervention_inputs(cfg: AppConfig, ctx: RunContext, threshold: float) 
     that produces a missing one), and build the model-side pieces both intervention stages need."""
     arts = ctx.artifacts
     source = arts.require(arts.combined_graph(threshold), "combined_graphs")
+    require_trace_inputs_match(cfg, arts.tracing_results_dir, "interventions", include_model=True)
     results = require_merged_results(arts, cfg.model.name, "interventions", cfg.allow_partial)
     task, prompts = ctx.task, ctx.prompts
 

@@ -112,9 +112,9 @@ def run_experiments_stage(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     ec = cfg.experiments
     arts = ctx.artifacts
     edges = chosen_edges(cfg, ctx.model_short, ctx.task_name)
+    inputs = load_intervention_inputs(cfg, ctx, ec.threshold)
     arch = ctx.model.arch
     check_edges_fit_model(edges, arch.n_layers, arch.n_heads, cfg.model.name)
-    inputs = load_intervention_inputs(cfg, ctx, ec.threshold)
     source = inputs.source
     log.info(
         "experiments %s/%s: %d edges on %s (threshold %g), seed %d",
