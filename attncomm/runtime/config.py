@@ -15,6 +15,17 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from attncomm.runtime.toolkit_config import (
+    AblateConfig,
+    ActPatchConfig,
+    AttrPatchConfig,
+    DlaConfig,
+    HeadsConfig,
+    LogitLensConfig,
+    PathPatchConfig,
+    QkOvConfig,
+)
+
 #: thresholds of the published combined graphs (section 6 of ACC-METHOD.md)
 PUBLISHED_COMBINE_THRESHOLDS: list[float] = [0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
@@ -199,6 +210,15 @@ class AppConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    # toolkit stages (attncomm/runtime/toolkit_config.py)
+    dla: DlaConfig = field(default_factory=DlaConfig)
+    logit_lens: LogitLensConfig = field(default_factory=LogitLensConfig)
+    act_patch: ActPatchConfig = field(default_factory=ActPatchConfig)
+    path_patch: PathPatchConfig = field(default_factory=PathPatchConfig)
+    ablate: AblateConfig = field(default_factory=AblateConfig)
+    attr_patch: AttrPatchConfig = field(default_factory=AttrPatchConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    qk_ov: QkOvConfig = field(default_factory=QkOvConfig)
 
 
 def package_path(relative: str) -> str:
