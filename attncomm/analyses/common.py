@@ -95,7 +95,10 @@ def check_positions(option: str, positions: Sequence[Any] | None, n_pos: int) ->
 
 def normalised(value: Tensor | float, clean: Tensor | float, corrupted: Tensor | float) -> Tensor | float:
     """``(value - corrupted) / (clean - corrupted)``: 0 at the corrupted metric, 1 at the clean one."""
-    return (value - corrupted) / (clean - corrupted)
+    gap = clean - corrupted
+    if isinstance(gap, float) and gap == 0.0:
+        return float("nan")  # the two runs agree: nothing to normalise against
+    return (value - corrupted) / gap
 
 
 def position_labels(model: ModelAdapter, tokens: Int[Tensor, "batch pos"], prompt: int = 0) -> list[str]:

@@ -65,7 +65,7 @@ def patch_figures(df: pd.DataFrame, title: str, tokens: Sequence[str] | None = N
     head), of the normalised metric, with token labels on position axes."""
     figs: dict[str, Figure] = {}
     pages: dict[str, list[dict[str, Any]]] = {}
-    for (direction, kind, by), sub in df.groupby(["direction", "kind", "axes"], sort=False):
+    for (direction, kind, by), sub in df.groupby(["direction", "kind", "grid"], sort=False):
         name = f"{direction}_{kind}_{by}"
         if by == "layer_pos":
             mat = pivot(sub, "layer", "pos", "normalised")
