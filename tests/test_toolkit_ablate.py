@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from attncomm.analyses.ablation import ablate_heads
 from attncomm.analyses.common import AnalysisInputError
