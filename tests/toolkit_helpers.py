@@ -20,13 +20,18 @@ def load_toy(name: str, dtype: torch.dtype = torch.float64) -> ModelAdapter:
     return load_model(cfg, device="cpu", dtype=dtype, cache_dir=test_cache_dir())
 
 
-def ioi_setup(model: ModelAdapter, n: int = 6) -> tuple[Task, TaskPrompts, torch.Tensor]:
-    """IOI prompts and a hand-built corruption: S2 replaced by the IO name (the answer flips)."""
+def ioi_setup(model: ModelAdapter, n: int = 6, mode: str = "flip") -> tuple[Task, TaskPrompts, torch.Tensor]:
+    """IOI prompts and a hand-built corruption of S2: ``flip`` puts the IO name there (the answer flips),
+    ``abc`` a third name taken from another prompt (the repeated-name signal is gone)."""
     task = get_task("ioi")
     prompts = task.make_prompts(model.tokenizer, n, seed=1)
     corrupted = prompts.tokens.clone()
+    names = [int(prompts.tokens[i, r["IO"]]) for i, r in enumerate(prompts.roles)]
+    names += [int(prompts.tokens[i, r["S1"]]) for i, r in enumerate(prompts.roles)]
     for i, roles in enumerate(prompts.roles):
-        corrupted[i, roles["S2"]] = prompts.tokens[i, roles["IO"]]
+        io, s = int(prompts.tokens[i, roles["IO"]]), int(prompts.tokens[i, roles["S1"]])
+        third = next(t for t in names[i:] + names[:i] if t not in (io, s))
+        corrupted[i, roles["S2"]] = io if mode == "flip" else third
     return task, prompts, corrupted
 
 

@@ -143,8 +143,12 @@ def patched_metrics(
     cells: Sequence[Cell],
     max_batch: int = 256,
     progress: bool = True,
+    extra_hooks: Sequence[tuple[str, Any]] = (),
 ) -> Tensor:
-    """The metric ``[n_cells, batch]`` of the base run with each cell patched from the source run."""
+    """The metric ``[n_cells, batch]`` of the base run with each cell patched from the source run.
+
+    ``extra_hooks`` run in every forward pass (after the patching hooks); they see the repeated batch.
+    """
     check_kind(kind)
     n = len(prompts)
     layers = sorted({c.layer for c in cells})
@@ -156,7 +160,8 @@ def patched_metrics(
     for start in tqdm(chunks, desc=f"patch {kind}", disable=not progress or len(chunks) < 2, leave=False):
         chunk = list(cells[start : start + per_pass])
         m = len(chunk)
-        logits = model.run_with_hooks(base_tokens.repeat(m, 1), cells_hooks(kind, chunk, source, n))
+        hooks = cells_hooks(kind, chunk, source, n) + list(extra_hooks)
+        logits = model.run_with_hooks(base_tokens.repeat(m, 1), hooks)
         out.append(task.metric(logits, repeat_prompts(prompts, m)).reshape(m, n))
     return torch.cat(out) if out else torch.zeros(0, n)
 
