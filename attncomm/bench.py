@@ -124,6 +124,7 @@ def _add_act_patch_parser(sub: Any) -> None:
     cmd.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     cmd.add_argument("--tl-layers", type=int, default=2, help="layers TransformerLens patches (0: all)")
     cmd.add_argument("--max-batch", type=int, default=256)
+    cmd.add_argument("--layers", type=int, default=0, help="patch only the first layers (0: all)")
     cmd.add_argument("--threads", type=int, default=1)
 
 
@@ -131,7 +132,12 @@ def _run_act_patch(args: Any) -> int:
     from attncomm.bench_patching import bench_act_patch
 
     result = bench_act_patch(
-        args.prompts, DTYPES[args.dtype], _cache_dir(), args.tl_layers or None, args.max_batch
+        args.prompts,
+        DTYPES[args.dtype],
+        _cache_dir(),
+        args.tl_layers or None,
+        args.max_batch,
+        args.layers or None,
     )
     result["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     sys.stdout.write(json.dumps(result) + "\n")

@@ -17,13 +17,19 @@ from attncomm.tasks import get_task
 
 
 def bench_act_patch(
-    n_prompts: int, dtype: torch.dtype, cache_dir: Any, tl_layers: int | None = 2, max_batch: int = 256
+    n_prompts: int,
+    dtype: torch.dtype,
+    cache_dir: Any,
+    tl_layers: int | None = 2,
+    max_batch: int = 256,
+    layers: int | None = None,
 ) -> dict[str, Any]:
     """Time head-output-by-position patching (20-token induction prompts) ours vs TransformerLens's.
 
     TransformerLens runs ``generic_activation_patch`` with ``layer_pos_head_vector_patch_setter`` on
     ``hook_z`` (exactly ``get_act_patch_attn_head_out_by_pos``) over the first ``tl_layers`` layers
-    (None: all) to bound its run time; cells per second are compared.
+    (None: all) to bound its run time; cells per second are compared. ``layers`` restricts our cells to
+    the first layers too (None: every layer, the benchmark proper).
     """
     from transformer_lens import patching
 
@@ -41,6 +47,8 @@ def bench_act_patch(
     corrupted = task.make_prompts(model.tokenizer, n_prompts, seed=1).tokens
     n_pos = clean.shape[1]
     cells = grid_cells(model, "z", n_pos, "layer_head_pos")
+    if layers is not None:
+        cells = [c for c in cells if c.layer < layers]
 
     t0 = time.perf_counter()
     ours = patched_metrics(model, task, prompts, corrupted, clean, "z", cells, max_batch, progress=False)
@@ -63,8 +71,11 @@ def bench_act_patch(
             index_df=index_df,
         )
         tl_s = time.perf_counter() - t0
-    ours_grid = ours.mean(1).reshape(model.arch.n_layers, H, n_pos)[:L].permute(0, 2, 1).reshape(-1)
-    max_diff = float((ours_grid - theirs.to(ours_grid.dtype)).abs().max())
+    ours_layers = len(cells) // (H * n_pos)
+    shared = min(L, ours_layers)
+    ours_grid = ours.mean(1).reshape(ours_layers, H, n_pos)[:shared].permute(0, 2, 1).reshape(-1)
+    theirs_grid = theirs.reshape(L, n_pos, H)[:shared].reshape(-1).to(ours_grid.dtype)
+    max_diff = float((ours_grid - theirs_grid).abs().max())
     ours_rate = len(cells) / ours_s
     tl_rate = len(index_df) / tl_s
     return {
