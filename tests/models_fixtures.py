@@ -21,7 +21,17 @@ import attncomm.models.random_models
 from attncomm.models.adapter import ModelAdapter, load_model
 from attncomm.runtime.config import ModelConfig
 
-FAMILIES = {"tiny-gpt2": "gpt2", "tiny-pythia": "neox", "tiny-gemma2": "gemma2", "gpt2-small-random": "gpt2"}
+FAMILIES = {
+    "tiny-gpt2": "gpt2",
+    "tiny-pythia": "neox",
+    "tiny-gemma2": "gemma2",
+    "tiny-llama": "llama",
+    "tiny-qwen2": "qwen2",
+    "tiny-mistral": "mistral",
+    "gpt2-small-random": "gpt2",
+}
+#: the random tiny models of the Llama family (RMSNorm, rotary, GQA; Qwen2 with q/k/v biases)
+LLAMA_LIKE = ["tiny-llama", "tiny-qwen2", "tiny-mistral"]
 
 
 def test_cache_dir() -> Path:

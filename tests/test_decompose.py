@@ -23,9 +23,9 @@ from attncomm.core.decompose import decompose_firings, layer_inputs, selection_m
 from attncomm.core.omega_factors import omega_factors
 from attncomm.core.residual import component_writes, required_hooks
 from attncomm.methods.acc_tracing import _prompt_tensors, build_omega_cache, needed_hooks
-from tests.models_fixtures import load_tiny
+from tests.models_fixtures import LLAMA_LIKE, load_tiny
 
-BUILDERS = ["tiny-gpt2", "tiny-pythia", "tiny-gemma2"]
+BUILDERS = ["tiny-gpt2", "tiny-pythia", "tiny-gemma2", *LLAMA_LIKE]
 CASES = [(b, dt) for b in BUILDERS for dt in (torch.float32, torch.float64)]
 RTOL = {torch.float32: 1e-4, torch.float64: 1e-9}
 N_POS = 12

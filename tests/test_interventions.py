@@ -32,9 +32,9 @@ from attncomm.core.residual import component_writes
 from attncomm.methods.acc_tracing import build_omega_cache
 from attncomm.models.adapter import ModelAdapter
 from tests.acc_reference import augment, dest_firing, random_tokens, relative_logit
-from tests.models_fixtures import load_tiny
+from tests.models_fixtures import LLAMA_LIKE, load_tiny
 
-TINY = ["tiny-gpt2", "tiny-pythia", "tiny-gemma2"]
+TINY = ["tiny-gpt2", "tiny-pythia", "tiny-gemma2", *LLAMA_LIKE]
 N_POS = 8
 
 
@@ -158,12 +158,15 @@ def test_only_the_intervened_head_changes(name: str, side: str) -> None:
         assert (after[head, pos:, pos] - before[head, pos:, pos]).abs().min() > 1e-6
 
 
-def test_gqa_changes_the_key_of_one_head_only() -> None:
-    """tiny-gemma2 (2 query heads per kv head): our key edit equals the group-key edit on the intervened
-    head, while the group-key edit (the reference's bug) also moves the sibling."""
-    model = load_tiny("tiny-gemma2")
+@pytest.mark.parametrize(
+    ("name", "group"), [("tiny-gemma2", 2), ("tiny-llama", 2), ("tiny-qwen2", 2), ("tiny-mistral", 4)]
+)
+def test_gqa_changes_the_key_of_one_head_only(name: str, group: int) -> None:
+    """GQA models (2 or 4 query heads per kv head): our key edit equals the group-key edit on the
+    intervened head, while the group-key edit (the reference's bug) also moves the sibling."""
+    model = load_tiny(name)
     arch = model.arch
-    assert arch.kv_group_size == 2
+    assert arch.kv_group_size == group
     tokens = _tokens(2)
     layer, head, pos = arch.n_layers - 1, 2, 3
     sibling = 3

@@ -18,9 +18,16 @@ from attncomm.models.gpt2_tokenizer import gpt2_tokenizer, save_gpt2_tokenizer
 from attncomm.models.random_models import BUILDERS, build_model_dir
 from attncomm.runtime.config import ModelConfig
 from tests.conftest import shared_path
-from tests.models_fixtures import load_tiny, test_cache_dir, tiny_gemma2, tiny_gpt2, tiny_pythia  # noqa: F401
+from tests.models_fixtures import (  # noqa: F401
+    LLAMA_LIKE,
+    load_tiny,
+    test_cache_dir,
+    tiny_gemma2,
+    tiny_gpt2,
+    tiny_pythia,
+)
 
-TINY = ["tiny-gpt2", "tiny-pythia", "tiny-gemma2"]
+TINY = ["tiny-gpt2", "tiny-pythia", "tiny-gemma2", *LLAMA_LIKE]
 TEXTS = ["When Mary and John went to the store, John gave a drink to", "The war lasted from 1732 to 17"]
 
 
@@ -305,7 +312,7 @@ def test_run_with_hooks_can_patch(tiny_gpt2: ModelAdapter) -> None:  # noqa: F81
     torch.testing.assert_close(tiny_gpt2.run_with_hooks(tokens, []), clean)  # hooks removed afterwards
 
 
-@pytest.mark.parametrize("builder", ["tiny-pythia", "tiny-gemma2"])
+@pytest.mark.parametrize("builder", ["tiny-pythia", "tiny-gemma2", *LLAMA_LIKE])
 def test_rotary_cos_sin_are_the_models_tables(builder: str) -> None:
     adapter = load_tiny(builder)
     a = adapter.arch
@@ -329,7 +336,7 @@ def test_rotary_cos_sin_refuses_absolute_positions(tiny_gpt2: ModelAdapter) -> N
         tiny_gpt2.rotary_cos_sin(4)
 
 
-@pytest.mark.parametrize("builder", ["tiny-gpt2", "tiny-gemma2"])
+@pytest.mark.parametrize("builder", ["tiny-gpt2", "tiny-gemma2", "tiny-qwen2"])
 def test_split_qkv_inputs(builder: str) -> None:
     """q_input/k_input turn on per-head inputs; logits are unchanged (fresh model: state changes)."""
     adapter = load_model(
@@ -349,4 +356,7 @@ def test_split_qkv_inputs(builder: str) -> None:
 
 
 def test_builders_registry_matches_docs() -> None:
-    assert set(BUILDERS) == {"tiny-gpt2", "tiny-pythia", "tiny-gemma2", "gpt2-small-random"}
+    assert set(BUILDERS) == {
+        "tiny-gpt2", "tiny-pythia", "tiny-gemma2", "tiny-llama", "tiny-qwen2", "tiny-mistral",
+        "gpt2-small-random",
+    }  # fmt: skip

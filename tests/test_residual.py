@@ -13,9 +13,9 @@ from torch import Tensor
 
 from attncomm.core.residual import ComponentWrites, component_writes, head_writes, required_hooks
 from attncomm.models.adapter import ModelAdapter
-from tests.models_fixtures import load_tiny
+from tests.models_fixtures import LLAMA_LIKE, load_tiny
 
-TINY = ["tiny-gpt2", "tiny-pythia", "tiny-gemma2"]
+TINY = ["tiny-gpt2", "tiny-pythia", "tiny-gemma2", *LLAMA_LIKE]
 TEXTS = ["When Mary and John went to the store, John gave a drink to", "The war lasted from 1732 to 17"]
 DTYPES = {torch.float32: 1e-4, torch.float64: 1e-9}
 

@@ -95,7 +95,7 @@ def test_abba_templates_swap_first_clause_only() -> None:
 
 
 def test_task_registry_and_published_root_names() -> None:
-    assert set(TASK_NAMES) == {"ioi", "gt", "gp", "induction"}
+    assert set(TASK_NAMES) == {"ioi", "gt", "gp", "induction", "file", "syllogism", "sequence"}
     assert get_task("ioi").direction_name == "IO-S direction"
     assert get_task("gt").direction_name == "True YY - False YY"
     assert get_task("gp").direction_name == "Correct - Incorrect pronoum"
@@ -428,7 +428,7 @@ def test_subset(tok: GPT2TokenizerFast) -> None:
 def test_errors(tok: GPT2TokenizerFast, char_tok: GPT2TokenizerFast) -> None:
     with pytest.raises(UnknownTaskError, match="ioi, gt, gp, induction"):
         get_task("iio")
-    for name in TASK_NAMES:
+    for name in ("ioi", "gt", "gp", "induction", "syllogism", "sequence"):  # file needs a path
         for n in (0, -3):
             with pytest.raises(ValueError, match="positive integer"):
                 get_task(name).make_prompts(tok, n, seed=0)

@@ -11,7 +11,7 @@ import torch
 from attncomm.core.prompt_graph import trace_prompt
 from attncomm.methods.acc_tracing import _prompt_tensors, build_omega_cache, needed_hooks, trace_prompts
 from attncomm.tasks import get_task
-from tests.models_fixtures import load_tiny
+from tests.models_fixtures import LLAMA_LIKE, load_tiny
 
 SKIPS = {None, "incorrect", "nonpositive_total", "no_head_seed"}
 
@@ -44,7 +44,7 @@ def _check_graph(graph: nx.MultiDiGraph, root_name: str, labels: set[str], n_hea
     assert all(nx.has_path(graph, n, root) for n in graph.nodes)
 
 
-@pytest.mark.parametrize("builder", ["tiny-gpt2", "tiny-pythia", "tiny-gemma2"])
+@pytest.mark.parametrize("builder", ["tiny-gpt2", "tiny-pythia", "tiny-gemma2", *LLAMA_LIKE])
 def test_trace_end_to_end(builder: str) -> None:
     model = load_tiny(builder)
     a = model.arch

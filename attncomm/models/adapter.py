@@ -7,15 +7,24 @@ A model is booted with ``TransformerBridge.boot_transformers(local_dir, tokenize
 local HF-format directory: ``model.path``, a directory built by
 :mod:`attncomm.models.random_models`, or the HF cache snapshot of ``model.hf_name``.
 
-Facts verified on random GPT-2 / GPT-NeoX (Pythia) / Gemma-2 checkpoints with transformer_lens 4.3.0
-and transformers 5.23.0 (the tests in ``tests/test_models.py`` and ``tests/test_residual.py`` check them):
+Supported families (:mod:`attncomm.models.architectures`, read from the checkpoint's ``config.json``):
+GPT-2, GPT-NeoX (Pythia), Gemma-2, and the Llama family (Llama-2/3.x, Qwen2/2.5, Mistral): any local
+HF checkpoint of them loads with ``model=hf model.path=DIR``.
 
-- Hook names are the same for the three families: ``blocks.{l}.hook_resid_pre``,
+Facts verified on random GPT-2 / GPT-NeoX (Pythia) / Gemma-2 / Llama / Qwen2 / Mistral checkpoints with
+transformer_lens 4.3.0 and transformers 5.23.0 (the tests in ``tests/test_models.py``,
+``tests/test_residual.py`` and the exactness tests check them):
+
+- Hook names are the same for every family: ``blocks.{l}.hook_resid_pre``,
   ``blocks.{l}.ln1.hook_normalized`` / ``hook_scale``, ``blocks.{l}.attn.hook_{q,k,v,z}``,
   ``hook_attn_scores``, ``hook_pattern``, ``blocks.{l}.hook_attn_out``, ``blocks.{l}.hook_mlp_out``,
   ``ln_final.hook_scale``. Gemma-2 adds ``blocks.{l}.ln1_post.*`` / ``ln2_post.*``; rotary models add
-  ``blocks.{l}.attn.hook_cos`` / ``hook_sin``; only Gemma-2 (PositionEmbeddingsAttentionBridge) has
-  ``hook_rot_q`` / ``hook_rot_k``. GPT-NeoX has no ``hook_resid_mid`` (parallel attention).
+  ``blocks.{l}.attn.hook_cos`` / ``hook_sin``; Gemma-2 and the Llama family
+  (PositionEmbeddingsAttentionBridge) have ``hook_rot_q`` / ``hook_rot_k``. GPT-NeoX has no
+  ``hook_resid_mid`` (parallel attention).
+- The Llama family: RMSNorm with the gain stored as is (folded into ``W_Q`` / ``W_K`` / ``W_V``), rotary
+  on the whole head in the NeoX layout (HF's ``rotate_half``), GQA, ``attn_scale = sqrt(d_head)``, no
+  biases except Qwen2's q/k/v biases (``b_V`` is folded into ``b_O`` as for every family).
 - ``hook_q`` / ``hook_k`` are taken BEFORE the rotary rotation. For GQA models ``hook_k`` / ``hook_v``
   hold ``n_kv_heads`` heads; query head ``h`` reads kv head ``h // (n_heads // n_kv_heads)``
   (``repeat_interleave`` layout). The bridge's stacked ``W_K`` / ``W_V`` are grouped; the adapter's
@@ -55,7 +64,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +74,7 @@ from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from attncomm.errors import AttncommError
+from attncomm.models.architectures import family_of_config, read_family, resolve_model_config
 from attncomm.models.gpt2_tokenizer import save_gpt2_tokenizer
 from attncomm.models.random_models import BUILDERS, build_model_dir
 from attncomm.runtime.config import ModelConfig
@@ -266,7 +276,10 @@ def load_model(
     """Load ``cfg``'s model through the TransformerLens bridge with the paper's weight processing."""
     from transformer_lens.model_bridge import TransformerBridge
 
+    cfg = resolve_model_config(cfg)
     source = resolve_model_dir(cfg, cache_dir)
+    if isinstance(source, Path):  # the family the checkpoint says, whatever the YAML claims
+        cfg = replace(cfg, family=read_family(source))
     root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     tokenizer = _load_tokenizer(cfg, source, root)
     try:
@@ -276,6 +289,8 @@ def load_model(
         )
     except OSError as err:
         raise _not_available(cfg, f"{source} (HF cache {_hf_hub_cache()})", str(err)) from err
+    if not isinstance(source, Path):  # downloaded by id: the family from the booted model's config
+        cfg = replace(cfg, family=family_of_config(bridge.original_model.config.to_dict(), str(source)))
     bridge.enable_compatibility_mode(disable_warnings=True)
     if dtype == torch.float64:
         _use_float64_norms(bridge)

@@ -138,6 +138,80 @@ def build_tiny_gemma2() -> nn.Module:
     return model
 
 
+def _perturb_attention_biases(model: nn.Module, generator: torch.Generator) -> None:
+    """Give the q/k/v projection biases (zero at init) random values, so that bias handling is exercised."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+                param.copy_(torch.empty(param.shape).normal_(0.0, 0.1, generator=generator))
+
+
+def _llama_like(config_cls: type, model_cls: type, seed: int, **overrides: object) -> nn.Module:
+    """A 2-layer model of the Llama family (RMSNorm, rotary, GQA, SwiGLU) with the GPT-2 vocabulary."""
+    torch.manual_seed(seed)
+    kwargs: dict[str, object] = {
+        "vocab_size": GPT2_VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 128,
+        "initializer_range": 0.8 / 64**0.5,
+        "bos_token_id": GPT2_EOT,
+        "eos_token_id": GPT2_EOT,
+        "pad_token_id": GPT2_EOT,
+    }
+    kwargs.update(overrides)
+    cfg = config_cls(**kwargs)
+    model = model_cls(cfg)
+    with torch.no_grad():
+        # nn.Embedding zeroes the padding_idx row; GPT-2's EOT is also our BOS, so give it a real vector
+        model.model.embed_tokens.weight[GPT2_EOT].normal_(0.0, cfg.initializer_range)
+    _scale_attention(model, 2.0)
+    _perturb_norms(model, torch.Generator().manual_seed(seed + 10), offset=1.0)
+    _perturb_attention_biases(model, torch.Generator().manual_seed(seed + 20))
+    return model
+
+
+def build_tiny_llama() -> nn.Module:
+    """A 2-layer Llama (Llama-3 layout: GQA 4 query / 2 kv heads, no biases, tied embeddings)."""
+    return _llama_like(
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        4,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        attention_bias=False,
+    )
+
+
+def build_tiny_qwen2() -> nn.Module:
+    """A 2-layer Qwen2 (GQA 4 query / 2 kv heads, q/k/v biases, tied embeddings)."""
+    return _llama_like(
+        transformers.Qwen2Config,
+        transformers.Qwen2ForCausalLM,
+        5,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+    )
+
+
+def build_tiny_mistral() -> nn.Module:
+    """A 2-layer Mistral (GQA 4 query heads sharing 1 kv head, no biases, untied unembedding)."""
+    return _llama_like(
+        transformers.MistralConfig,
+        transformers.MistralForCausalLM,
+        6,
+        num_key_value_heads=1,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        sliding_window=4096,
+    )
+
+
 def build_gpt2_small_random() -> nn.Module:
     """GPT-2 small shapes, built exactly as ``shared/tools/make_random_gpt2.py`` (same seed and draws)."""
     torch.manual_seed(0)
@@ -165,6 +239,9 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "tiny-gpt2": build_tiny_gpt2,
     "tiny-pythia": build_tiny_pythia,
     "tiny-gemma2": build_tiny_gemma2,
+    "tiny-llama": build_tiny_llama,
+    "tiny-qwen2": build_tiny_qwen2,
+    "tiny-mistral": build_tiny_mistral,
     "gpt2-small-random": build_gpt2_small_random,
 }
 

