@@ -14,7 +14,6 @@ from attncomm.runtime.config import AppConfig, register_configs
 from attncomm.runtime.registry import RunContext, get_stage
 from tests.conftest import REPO_ROOT
 from tests.fakes import RecordingTracker as _Recording
-from tests.toolkit_helpers import induction_setup
 
 STAGES = ["dla", "logit_lens", "act_patch", "path_patch", "attr_patch", "ablate", "heads", "qk_ov"]
 
@@ -49,10 +48,7 @@ def test_every_stage_writes_tables_figures_and_html(tmp_path: Path) -> None:
     )
     ctx = RunContext.for_tests(cfg, tmp_path)
     ctx.tracker = RecordingTracker()
-    # hand-built corrupted counterparts until the task layer provides them
-    _, prompts, corrupted = induction_setup(ctx.model, n=3)
-    object.__setattr__(prompts, "require_corrupted", lambda what, equal_lengths=True: corrupted)
-    ctx.__dict__["prompts"] = prompts
+    assert ctx.prompts.corrupted_tokens is not None  # the task's own corrupted counterparts
     for name in STAGES:
         metrics = get_stage(name).run(cfg, ctx)
         assert metrics, name
@@ -81,10 +77,15 @@ def test_every_stage_writes_tables_figures_and_html(tmp_path: Path) -> None:
         (["stage=qk_ov", "qk_ov.heads=[[0,9]]"], "qk_ov.heads: head 9 is out of range; valid heads are 0..1"),
         (["stage=ablate", "ablate.heads=[[0,0]]", "ablate.positions=[99]"], "valid positions are 0..15"),
         (["stage=path_patch", "path_patch.receivers=[[1,0,x]]"], "path_patch.receivers: malformed receiver"),
-        (["stage=act_patch"], "act_patch needs corrupted prompts"),
+        (["stage=act_patch", "task=file", "task.path={file}"], "act_patch needs a corrupted counterpart"),
     ],
 )
 def test_bad_input_exits_2_with_one_message(tmp_path: Path, overrides: list[str], message: str) -> None:
+    prompts = tmp_path / "prompts.jsonl"  # a prompt file without corrupted prompts
+    prompts.write_text(
+        '{"prompt": "t001 t002 t003 t001 t002", "answer": " t003"}\n{"prompt": "t005 t006 t005", "answer": " t006"}\n'
+    )
+    overrides = [o.replace("{file}", str(prompts)) for o in overrides]
     cmd = [
         sys.executable,
         "run.py",

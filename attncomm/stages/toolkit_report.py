@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from torch import Tensor
 
-from attncomm.analyses.common import AnalysisInputError
 from attncomm.io.artifacts import write_table
 from attncomm.viz.heatmaps import write_heatmap_html
 from attncomm.viz.plots import save_figure
@@ -38,15 +37,9 @@ WANDB_MAX_ROWS = 20000
 
 
 def corrupted_tokens(ctx: RunContext, what: str) -> Tensor:
-    """The corrupted counterpart of the job's prompts (same padded width), or a clear error."""
-    prompts = ctx.prompts
-    require = getattr(prompts, "require_corrupted", None)
-    if require is None:
-        raise AnalysisInputError(
-            f"{what} needs corrupted prompts, but task {ctx.task_name!r} defines no corrupted counterparts "
-            "in this version; run a stage that needs none (dla, logit_lens, heads, qk_ov)"
-        )
-    return require(what)
+    """The corrupted counterpart of the job's prompts (equal lengths, same padded width), or a clear
+    error (:meth:`TaskPrompts.require_corrupted`) naming the task and the method."""
+    return ctx.prompts.require_corrupted(what, equal_lengths=True)
 
 
 class StageReport:
