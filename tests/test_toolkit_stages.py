@@ -83,7 +83,8 @@ def test_every_stage_writes_tables_figures_and_html(tmp_path: Path) -> None:
 def test_bad_input_exits_2_with_one_message(tmp_path: Path, overrides: list[str], message: str) -> None:
     prompts = tmp_path / "prompts.jsonl"  # a prompt file without corrupted prompts
     prompts.write_text(
-        '{"prompt": "t001 t002 t003 t001 t002", "answer": " t003"}\n{"prompt": "t005 t006 t005", "answer": " t006"}\n'
+        '{"prompt": "t001 t002 t003 t001 t002", "answer": " t003"}\n'
+        '{"prompt": "t005 t006 t005", "answer": " t006"}\n'
     )
     overrides = [o.replace("{file}", str(prompts)) for o in overrides]
     cmd = [
