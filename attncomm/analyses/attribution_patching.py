@@ -59,15 +59,21 @@ def gradients(
         return hook
 
     hooks = [(name, keep(name)) for name in names] + list(extra_hooks)
-    with torch.enable_grad():
-        logits = model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=hooks)
-        task.metric(logits, prompts).sum().backward()
+    params = [p for p in model.bridge.parameters() if p.requires_grad]
+    for p in params:  # gradients are needed for the activations only, not the weights
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            logits = model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=hooks)
+            task.metric(logits, prompts).sum().backward()
+    finally:
+        for p in params:
+            p.requires_grad_(True)
     grads = {}
     for name in names:
         if acts[name].grad is None:
             raise RuntimeError(f"no gradient reached {name}; the metric does not depend on it")
         grads[name] = acts[name].grad.detach()
-    model.bridge.zero_grad(set_to_none=True)
     return {k: v.detach() for k, v in acts.items()}, grads
 
 
