@@ -40,6 +40,7 @@ format: install
 
 bench: install
 	$(PY) -m attncomm.bench trace --prompts 8
+	$(PY) -m attncomm.bench act_patch --prompts 1
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

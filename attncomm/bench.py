@@ -14,6 +14,7 @@ import logging
 import resource
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -97,12 +98,42 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="torch intra-op threads (default 1: robust on a shared machine)",
     )
+    _add_act_patch_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.command == "act_patch":
+        return _run_act_patch(args)
     result = bench_trace(args.prompts, args.task, DTYPES[args.dtype], seed=args.seed, progress=args.progress)
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
+def _add_act_patch_parser(sub: Any) -> None:
+    """``act_patch``: all heads by position, batched vs TransformerLens (see attncomm.bench_patching)."""
+    cmd = sub.add_parser("act_patch", help="activation patching of all heads by position vs TransformerLens")
+    cmd.add_argument("--prompts", type=int, default=4)
+    cmd.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    cmd.add_argument("--tl-layers", type=int, default=2, help="layers TransformerLens patches (0: all)")
+    cmd.add_argument("--max-batch", type=int, default=256)
+    cmd.add_argument("--layers", type=int, default=0, help="patch only the first layers (0: all)")
+    cmd.add_argument("--threads", type=int, default=1)
+
+
+def _run_act_patch(args: Any) -> int:
+    from attncomm.bench_patching import bench_act_patch
+
+    result = bench_act_patch(
+        args.prompts,
+        DTYPES[args.dtype],
+        default_cache_dir(),
+        args.tl_layers or None,
+        args.max_batch,
+        args.layers or None,
+    )
+    result["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
 

@@ -502,7 +502,7 @@ def test_experiment_edges_are_bounded_by_the_model_shape() -> None:
 
 def test_consumers_refuse_tracing_results_of_other_weights_or_settings(traced: Path, tmp_path: Path) -> None:
     """Item 1, downstream: interventions with other weights, unify with other trace settings."""
-    from attncomm.stages.interventions import load_intervention_inputs
+    from attncomm.methods.intervention_inputs import load_intervention_inputs
 
     run_dir = tmp_path / "run"
     shutil.copytree(traced, run_dir)

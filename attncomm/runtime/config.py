@@ -16,6 +16,16 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from attncomm.core.unification import PUBLISHED_THRESHOLDS
+from attncomm.runtime.toolkit_config import (
+    AblateConfig,
+    ActPatchConfig,
+    AttrPatchConfig,
+    DlaConfig,
+    HeadsConfig,
+    LogitLensConfig,
+    PathPatchConfig,
+    QkOvConfig,
+)
 
 
 @dataclass
@@ -208,6 +218,15 @@ class AppConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    # toolkit stages (attncomm/runtime/toolkit_config.py)
+    dla: DlaConfig = field(default_factory=DlaConfig)
+    logit_lens: LogitLensConfig = field(default_factory=LogitLensConfig)
+    act_patch: ActPatchConfig = field(default_factory=ActPatchConfig)
+    path_patch: PathPatchConfig = field(default_factory=PathPatchConfig)
+    ablate: AblateConfig = field(default_factory=AblateConfig)
+    attr_patch: AttrPatchConfig = field(default_factory=AttrPatchConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    qk_ov: QkOvConfig = field(default_factory=QkOvConfig)
 
 
 def package_path(relative: str) -> str:
