@@ -1,0 +1,435 @@
+"""Edge-level attribution and patching on a loaded model: EAP, EAP-IG, exact edge patching and circuit
+evaluation, all on the :mod:`attncomm.core.edge_graph` graph.
+
+How the edge graph maps onto the model's hooks (TransformerLens 4.3 bridge, split q/k/v inputs and
+``hook_mlp_in`` turned on):
+
+- outputs: ``input`` = ``blocks.0.hook_resid_pre`` (token + position embeddings); head ``a{l}.h{h}`` =
+  ``hook_z[..., h, :] @ W_O[l, h]`` (its write into the residual; the shared ``b_O`` is a constant that no
+  edge carries); ``m{l}`` = ``blocks.{l}.hook_mlp_out``.
+- input slots: ``a{l}.h{h}<q|k|v>`` = ``blocks.{l}.hook_{q|k|v}_input[..., h, :]`` (the residual before
+  ``ln1``, one copy per head); ``m{l}`` = ``blocks.{l}.hook_mlp_in`` (before ``ln2``); ``logits`` =
+  ``ln_final.hook_in``.
+
+A slot's value is the sum of its parents' outputs plus constants (biases), so patching an edge
+``u -> v`` means adding ``(ablated_u - current_u)`` to ``v``'s slot, where ``current_u`` is ``u``'s output in
+the same (patched) run and ``ablated_u`` its output under the ablation (the corrupted run, the mean over
+the task's prompts, or zero). This is EAP-IG's ``evaluate_graph``. Models whose heads do not write
+additively into the residual (Gemma-2's post-attention norm) or whose key/value heads are shared
+(grouped-query attention) are refused with a clear message: their slots cannot be split per edge here.
+
+Scores use the sign "clean minus corrupted": ``eap`` is ``sum_pos (out_u(clean) - out_u(corrupted)) .
+d metric / d slot_v`` averaged over prompts, the first-order estimate of ``metric(clean) - metric(clean
+with u -> v patched)``, which is exactly what ``exact`` measures. (EAP-IG stores ``corrupted - clean``,
+the negation; selection uses absolute values, so circuits are the same.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from attncomm.core.edge_graph import EdgeGraph, GraphShape
+from attncomm.errors import AttncommError
+
+logger = logging.getLogger(__name__)
+
+#: ``metric(logits, prompt_indices) -> per-prompt metric`` of one batch
+MetricFn = Callable[[Tensor, Tensor], Tensor]
+
+ABLATIONS: tuple[str, ...] = ("patching", "mean", "zero")
+
+
+class UnsupportedModelError(AttncommError, ValueError):
+    """A model whose dataflow the edge graph cannot split (post-attention norms, shared key/value heads)."""
+
+
+class EdgePatchingInputError(AttncommError, ValueError):
+    """Clean and corrupted tokens that cannot be patched into each other, or a bad ablation name."""
+
+
+def graph_shape(model: Any) -> GraphShape:
+    """The edge-graph shape of a loaded model (a :class:`~attncomm.models.adapter.ModelAdapter`)."""
+    a = model.arch
+    return GraphShape(a.n_layers, a.n_heads, a.parallel_attn, a.d_model)
+
+
+def check_supported(model: Any) -> None:
+    """Refuse models whose heads' writes or key/value inputs cannot be patched per edge."""
+    a = model.arch
+    name = model.cfg.name
+    if a.post_attn_norm:
+        raise UnsupportedModelError(
+            f"model {name!r} normalises the attention output after summing the heads (post-attention "
+            "norm, as Gemma-2), so a head's write into the residual is not additive; edge-level methods "
+            "(eap, eap-ig, exact, evaluate) support GPT-2 and GPT-NeoX/Pythia-style models"
+        )
+    if a.n_kv_heads != a.n_heads:
+        raise UnsupportedModelError(
+            f"model {name!r} shares key/value heads between query heads (grouped-query attention, "
+            f"{a.n_heads} query / {a.n_kv_heads} kv heads); per-query-head <k>/<v> slots are not split "
+            "yet, so edge-level methods support GPT-2 and GPT-NeoX/Pythia-style models only"
+        )
+
+
+def check_pair(clean: Tensor, corrupted: Tensor) -> None:
+    """Clean and corrupted tokens must have the same shape (positions are patched one to one)."""
+    if clean.shape != corrupted.shape:
+        raise EdgePatchingInputError(
+            f"clean tokens {tuple(clean.shape)} and corrupted tokens {tuple(corrupted.shape)} differ in "
+            "shape; "
+            "edge patching needs corrupted prompts of the same token length as the clean ones"
+        )
+
+
+@contextlib.contextmanager
+def edge_hooks_enabled(model: Any) -> Iterator[None]:
+    """Turn on split q/k/v inputs and ``hook_mlp_in`` and freeze the parameters for the block."""
+    check_supported(model)
+    model.set_split_qkv_input(True)
+    model.bridge.set_use_hook_mlp_in(True)
+    params = [p for p in model.bridge.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class _Layout:
+    """Forward/backward index ranges of each hook of one graph."""
+
+    def __init__(self, graph: EdgeGraph) -> None:
+        self.g = graph
+        self.L, self.H = graph.shape.n_layers, graph.shape.n_heads
+
+    def heads(self, layer: int) -> slice:
+        start = 1 + layer * (self.H + 1)
+        return slice(start, start + self.H)
+
+    def mlp(self, layer: int) -> int:
+        return 1 + layer * (self.H + 1) + self.H
+
+    def slots(self, layer: int, letter: str) -> slice:
+        start = layer * (3 * self.H + 1) + "qkv".index(letter) * self.H
+        return slice(start, start + self.H)
+
+    def mlp_slot(self, layer: int) -> int:
+        return layer * (3 * self.H + 1) + 3 * self.H
+
+    def mlp_prev(self, layer: int) -> int:
+        return self.heads(layer).start if self.g.shape.parallel_attn else self.mlp(layer)
+
+
+def _output_hooks(
+    model: Any, lay: _Layout, buf: Tensor, override_input: Tensor | None = None
+) -> list[tuple[str, Callable[..., Any]]]:
+    """Forward hooks that write every node's output of this run into ``buf[n_forward, b, p, d]``."""
+    W_O = model.weights.W_O
+    hooks: list[tuple[str, Callable[..., Any]]] = []
+
+    def on_input(t: Tensor, hook: Any) -> Tensor:
+        if override_input is not None:
+            t = override_input
+        buf[0] = t.detach()
+        return t
+
+    hooks.append(("blocks.0.hook_resid_pre", on_input))
+    for layer in range(lay.L):
+
+        def on_z(t: Tensor, hook: Any, layer: int = layer) -> None:
+            buf[lay.heads(layer)] = torch.einsum("bphe,hed->hbpd", t.detach(), W_O[layer].to(t.dtype))
+
+        def on_mlp(t: Tensor, hook: Any, layer: int = layer) -> None:
+            buf[lay.mlp(layer)] = t.detach()
+
+        hooks.append((f"blocks.{layer}.attn.hook_z", on_z))
+        hooks.append((f"blocks.{layer}.hook_mlp_out", on_mlp))
+    return hooks
+
+
+def _shape_of(model: Any, tokens: Tensor) -> tuple[int, int, int]:
+    return int(tokens.shape[0]), int(tokens.shape[1]), int(model.arch.d_model)
+
+
+def node_outputs(model: Any, graph: EdgeGraph, tokens: Int[Tensor, "batch pos"]) -> tuple[Tensor, Tensor]:
+    """``(logits, outputs[n_forward, batch, pos, d_model])`` of a plain run (no gradients)."""
+    b, p, d = _shape_of(model, tokens)
+    buf = torch.zeros(graph.n_forward, b, p, d, dtype=model.dtype, device=model.device)
+    with torch.no_grad():
+        logits = model.bridge.run_with_hooks(
+            tokens.to(model.device), fwd_hooks=_output_hooks(model, _Layout(graph), buf)
+        )
+    return logits, buf
+
+
+def slot_gradients(
+    model: Any,
+    graph: EdgeGraph,
+    tokens: Int[Tensor, "batch pos"],
+    metric: Callable[[Tensor], Tensor],
+    input_value: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One forward and one backward pass: ``(metric per prompt, outputs, d sum(metric) / d slot)``.
+
+    ``input_value`` replaces the ``input`` node's output (EAP-IG's interpolated embeddings). Gradients
+    are ``[n_backward, batch, pos, d_model]``; parameters get no gradients.
+    """
+    b, p, d = _shape_of(model, tokens)
+    lay = _Layout(graph)
+    outs = torch.zeros(graph.n_forward, b, p, d, dtype=model.dtype, device=model.device)
+    grads = torch.zeros(graph.n_backward, b, p, d, dtype=model.dtype, device=model.device)
+    leaf: list[Tensor] = []
+
+    def make_leaf(t: Tensor, hook: Any) -> Tensor:
+        x = (input_value if input_value is not None else t).detach().clone().requires_grad_(True)
+        leaf.append(x)
+        return x
+
+    def grad_store(index: slice | int, per_head: bool) -> Callable[..., Tensor]:
+        def fwd(t: Tensor, hook: Any) -> Tensor:
+            def bwd(g: Tensor) -> None:
+                grads[index] = g.detach().permute(2, 0, 1, 3) if per_head else g.detach()
+
+            # a copy, so that only this slot's reader sees it (hook_mlp_in's tensor is also resid_mid,
+            # which the residual connection adds to the MLP output)
+            t = t.clone()
+            t.register_hook(bwd)
+            return t
+
+        return fwd
+
+    hooks: list[tuple[str, Callable[..., Any]]] = [("blocks.0.hook_resid_pre", make_leaf)]
+    hooks += _output_hooks(model, lay, outs)
+    for layer in range(lay.L):
+        for letter in "qkv":
+            hooks.append((f"blocks.{layer}.hook_{letter}_input", grad_store(lay.slots(layer, letter), True)))
+        hooks.append((f"blocks.{layer}.hook_mlp_in", grad_store(lay.mlp_slot(layer), False)))
+    hooks.append(("ln_final.hook_in", grad_store(graph.n_backward - 1, False)))
+    with torch.enable_grad():
+        logits = model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=hooks)
+        values = metric(logits)
+        torch.autograd.grad(values.sum(), leaf)
+    return values.detach(), outs, grads
+
+
+def _batches(n: int, batch_size: int) -> list[Tensor]:
+    if batch_size < 1:
+        raise EdgePatchingInputError(f"batch size must be at least 1, got {batch_size}")
+    return [torch.arange(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
+
+
+def eap_scores(
+    model: Any,
+    graph: EdgeGraph,
+    clean: Int[Tensor, "batch pos"],
+    corrupted: Int[Tensor, "batch pos"],
+    metric: MetricFn,
+    batch_size: int = 8,
+    ig_steps: int = 1,
+    progress: bool = False,
+) -> Float[Tensor, "n_forward n_backward"]:
+    """EAP (``ig_steps=1``) or EAP-IG on the inputs (``ig_steps > 1``) scores of every edge (float64).
+
+    ``score(u -> v) = mean_prompts sum_pos (out_u(clean) - out_u(corrupted)) . g_v`` where ``g_v`` is the
+    gradient of the metric at ``v``'s slot: at the clean run for EAP; for EAP-IG the mean over
+    ``alpha = k / ig_steps`` (``k = 1..ig_steps``, a right Riemann sum, so one step is EAP) of the
+    gradient at the run whose embeddings are ``corrupted + alpha (clean - corrupted)``. Pairs that are
+    not edges are NaN. Per batch: one corrupted forward pass and ``ig_steps`` forward+backward passes.
+    """
+    check_pair(clean, corrupted)
+    if ig_steps < 1:
+        raise EdgePatchingInputError(f"method.ig_steps must be at least 1, got {ig_steps}")
+    scores = torch.zeros(graph.n_forward, graph.n_backward, dtype=torch.float64)
+    with edge_hooks_enabled(model):
+        for idx in tqdm(_batches(len(clean), batch_size), desc="eap", leave=False, disable=not progress):
+            _, out_corr = node_outputs(model, graph, corrupted[idx])
+            total = None
+            out_clean = None
+            for k in range(ig_steps, 0, -1):  # alpha = 1 first: its outputs are the clean run's
+                alpha = k / ig_steps
+                value = None if k == ig_steps else out_corr[0] + alpha * (out_clean[0] - out_corr[0])  # type: ignore[index]
+                _, outs, grads = slot_gradients(
+                    model, graph, clean[idx], lambda logits, idx=idx: metric(logits, idx), value
+                )
+                if k == ig_steps:
+                    out_clean = outs
+                total = grads if total is None else total + grads
+            assert out_clean is not None and total is not None
+            diff = (out_clean - out_corr).flatten(1)
+            scores += (diff @ (total / ig_steps).flatten(1).T).to(torch.float64).cpu()
+    scores /= len(clean)
+    scores[~graph.real] = float("nan")
+    return scores
+
+
+# ---- ablations and patched runs -------------------------------------------------------------
+
+
+@dataclass
+class Ablation:
+    """What an ablated edge carries: the parent's output in the corrupted run (``patching``), its mean
+    over the task's prompts per position (``mean``, padding excluded), or zero (``zero``)."""
+
+    kind: str
+    corrupted: Tensor | None = None
+    mean: Tensor | None = None  # [n_forward, 1, pos, d_model]
+
+    def values(self, model: Any, graph: EdgeGraph, idx: Tensor) -> Tensor | None:
+        """The ablated outputs of the prompts ``idx`` (None for zero)."""
+        if self.kind == "patching":
+            assert self.corrupted is not None
+            return node_outputs(model, graph, self.corrupted[idx])[1]
+        if self.kind == "mean":
+            assert self.mean is not None
+            return self.mean
+        return None
+
+
+def make_ablation(
+    kind: str,
+    model: Any,
+    graph: EdgeGraph,
+    clean: Int[Tensor, "batch pos"],
+    lengths: Int[Tensor, " batch"] | None = None,
+    corrupted: Int[Tensor, "batch pos"] | None = None,
+    batch_size: int = 8,
+) -> Ablation:
+    """Build the ablation ``kind`` (``patching`` needs corrupted tokens; ``mean`` runs the clean prompts)."""
+    if kind not in ABLATIONS:
+        raise EdgePatchingInputError(f"evaluate.ablation={kind!r} is not one of {', '.join(ABLATIONS)}")
+    if kind == "patching":
+        if corrupted is None:
+            raise EdgePatchingInputError("ablation 'patching' needs corrupted prompts")
+        check_pair(clean, corrupted)
+        return Ablation(kind, corrupted=corrupted)
+    if kind == "zero":
+        return Ablation(kind)
+    lengths = lengths if lengths is not None else torch.full((len(clean),), clean.shape[1])
+    b, p, d = _shape_of(model, clean)
+    total = torch.zeros(graph.n_forward, p, d, dtype=torch.float64)
+    count = torch.zeros(p, dtype=torch.float64)
+    with edge_hooks_enabled(model):
+        for idx in _batches(len(clean), batch_size):
+            _, outs = node_outputs(model, graph, clean[idx])
+            mask = (torch.arange(p)[None, :] < lengths[idx][:, None]).to(torch.float64)  # [b, p]
+            total += torch.einsum("nbpd,bp->npd", outs.to(torch.float64).cpu(), mask)
+            count += mask.sum(0)
+    mean = total / count.clamp(min=1.0)[None, :, None]
+    return Ablation(kind, mean=mean[:, None].to(model.dtype).to(model.device))
+
+
+def patched_logits(
+    model: Any,
+    graph: EdgeGraph,
+    tokens: Int[Tensor, "batch pos"],
+    ablated: Tensor | None,
+    keep: Bool[Tensor, "n_forward n_backward"],
+) -> Float[Tensor, "batch pos d_vocab"]:
+    """Run ``tokens`` with every edge outside ``keep`` carrying its parent's ablated output.
+
+    ``ablated`` is ``[n_forward, batch|1, pos, d_model]`` (None = zero). Call inside
+    :func:`edge_hooks_enabled`.
+    """
+    b, p, d = _shape_of(model, tokens)
+    lay = _Layout(graph)
+    cur = torch.zeros(graph.n_forward, b, p, d, dtype=model.dtype, device=model.device)
+    missing = (graph.real & ~keep.to(graph.real.device)).to(model.dtype).to(model.device)
+
+    def delta(cols: slice | int, hi: int) -> Tensor | None:
+        m = missing[:hi, cols]
+        if m.ndim == 1:
+            m = m[:, None]
+        if not bool(m.any()):
+            return None
+        diff = -cur[:hi] if ablated is None else ablated[:hi] - cur[:hi]
+        return torch.einsum("ibpd,ij->jbpd", diff, m)
+
+    def slot_hook(cols: slice, hi: int) -> Callable[..., Tensor]:
+        def fwd(t: Tensor, hook: Any) -> Tensor:
+            dv = delta(cols, hi)
+            return t if dv is None else t + dv.permute(1, 2, 0, 3)
+
+        return fwd
+
+    def single_hook(col: int, hi: int) -> Callable[..., Tensor]:
+        def fwd(t: Tensor, hook: Any) -> Tensor:
+            dv = delta(col, hi)
+            return t if dv is None else t + dv[0]
+
+        return fwd
+
+    hooks = _output_hooks(model, lay, cur)
+    for layer in range(lay.L):
+        hi = lay.heads(layer).start
+        for letter in "qkv":
+            hooks.append((f"blocks.{layer}.hook_{letter}_input", slot_hook(lay.slots(layer, letter), hi)))
+        hooks.append((f"blocks.{layer}.hook_mlp_in", single_hook(lay.mlp_slot(layer), lay.mlp_prev(layer))))
+    hooks.append(("ln_final.hook_in", single_hook(graph.n_backward - 1, graph.n_forward)))
+    with torch.no_grad():
+        return model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=hooks)
+
+
+def evaluate_circuits(
+    model: Any,
+    graph: EdgeGraph,
+    clean: Int[Tensor, "batch pos"],
+    ablation: Ablation,
+    circuits: Sequence[Bool[Tensor, "n_forward n_backward"]],
+    metric: MetricFn,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> Float[Tensor, " n_circuits"]:
+    """Mean metric over the prompts of the model with each circuit (edges outside it ablated), float64."""
+    sums = torch.zeros(len(circuits), dtype=torch.float64)
+    with edge_hooks_enabled(model):
+        for idx in tqdm(_batches(len(clean), batch_size), desc="evaluate", leave=False, disable=not progress):
+            ablated = ablation.values(model, graph, idx)
+            for c, keep in enumerate(circuits):
+                logits = patched_logits(model, graph, clean[idx], ablated, keep)
+                sums[c] += metric(logits, idx).to(torch.float64).sum().cpu()
+    return sums / len(clean)
+
+
+def exact_scores(
+    model: Any,
+    graph: EdgeGraph,
+    clean: Int[Tensor, "batch pos"],
+    ablation: Ablation,
+    metric: MetricFn,
+    batch_size: int = 8,
+    edges: Sequence[tuple[int, int]] | None = None,
+    progress: bool = False,
+) -> Float[Tensor, "n_forward n_backward"]:
+    """Each edge's true effect: ``mean_prompts metric(clean) - metric(clean with that edge ablated)``.
+
+    One patched forward pass per edge and batch: for toy and tiny models (and as the tests' reference).
+    ``edges`` restricts the work to some ``(i, j)`` pairs; the others are NaN.
+    """
+    pairs = edges if edges is not None else [tuple(x) for x in torch.nonzero(graph.real).tolist()]
+    scores = torch.full((graph.n_forward, graph.n_backward), float("nan"), dtype=torch.float64)
+    sums = torch.zeros(len(pairs), dtype=torch.float64)
+    full = graph.full()
+    with edge_hooks_enabled(model):
+        for idx in tqdm(_batches(len(clean), batch_size), desc="exact", leave=False, disable=not progress):
+            ablated = ablation.values(model, graph, idx)
+            with torch.no_grad():
+                base = metric(model.bridge.run_with_hooks(clean[idx].to(model.device), fwd_hooks=[]), idx)
+            for e, (i, j) in enumerate(pairs):
+                keep = full.clone()
+                keep[i, j] = False
+                logits = patched_logits(model, graph, clean[idx], ablated, keep)
+                sums[e] += (base - metric(logits, idx)).to(torch.float64).sum().cpu()
+    for e, (i, j) in enumerate(pairs):
+        scores[i, j] = sums[e] / len(clean)
+    return scores
