@@ -220,9 +220,15 @@ def _versions() -> dict[str, str]:
 
 
 def update_manifest(
-    artifacts: RunArtifacts, stage: str, files: list[Path], config: dict[str, Any], extra: Any = None
+    artifacts: RunArtifacts,
+    stage: str,
+    files: list[Path],
+    config: dict[str, Any],
+    extra: Any = None,
+    prompt_file: dict[str, Any] | None = None,
 ) -> None:
-    """Record in ``manifest.json`` which stage produced ``files``, with config, versions, git sha, time."""
+    """Record in ``manifest.json`` which stage produced ``files``, with config, versions, git sha, time
+    (and, for prompt-file tasks, ``prompt_file``: the rows read, dropped and why)."""
     path = artifacts.manifest
     path.parent.mkdir(parents=True, exist_ok=True)
     # jobs of a sweep may share a run directory (e.g. compare at two thresholds): serialise the
@@ -230,13 +236,19 @@ def update_manifest(
     with open(path.parent / ".manifest.lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            _update_manifest_locked(path, artifacts, stage, files, config, extra)
+            _update_manifest_locked(path, artifacts, stage, files, config, extra, prompt_file)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _update_manifest_locked(
-    path: Path, artifacts: RunArtifacts, stage: str, files: list[Path], config: dict[str, Any], extra: Any
+    path: Path,
+    artifacts: RunArtifacts,
+    stage: str,
+    files: list[Path],
+    config: dict[str, Any],
+    extra: Any,
+    prompt_file: dict[str, Any] | None = None,
 ) -> None:
     manifest: dict[str, Any] = {}
     if path.is_file():
@@ -254,5 +266,7 @@ def _update_manifest_locked(
     }
     if extra is not None:
         entry["extra"] = dataclasses.asdict(extra) if dataclasses.is_dataclass(extra) else extra
+    if prompt_file is not None:
+        entry["prompt_file"] = prompt_file
     manifest.setdefault("stages", {})[stage] = entry
     atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True, default=str))

@@ -46,13 +46,17 @@ class ModelConfig:
 class TaskConfig:
     """Which task, how many prompts and which seed."""
 
-    name: str = MISSING  # ioi | gt | gp | induction
+    name: str = MISSING  # ioi | gt | gp | induction | file | syllogism | sequence
     n_prompts: int = 100
     seed: int = 0
     prompt_type: str = "mixed"  # IOI only
     batch_size: int = 8  # prompts per forward pass where batching applies
     #: task-specific constructor options, e.g. ``{seq_len: 8}`` for ``induction``
     options: dict[str, Any] = field(default_factory=dict)
+    #: the prompt file of ``task=file`` (.jsonl, .csv or .json); for the seed tasks, replaces their file
+    path: str | None = None
+    #: refuse (instead of cutting to their first token) answers that are more than one token
+    strict_answers: bool = False
 
 
 @dataclass

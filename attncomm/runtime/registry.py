@@ -126,6 +126,8 @@ class RunContext:
     @classmethod
     def from_config(cls, cfg: AppConfig, tracker: Tracker | None = None) -> RunContext:
         """Validate the job's config and resolve its run directory, device and dtype."""
+        from attncomm.tasks import task_run_name
+
         if cfg.task.n_prompts <= 0:
             raise ConfigError(f"task.n_prompts={cfg.task.n_prompts} must be a positive number of prompts")
         config_dict = dataclasses.asdict(cfg)
@@ -136,7 +138,7 @@ class RunContext:
             run_dir = run_dir_for(
                 cfg.paths.root,
                 cfg.model.short_name,
-                cfg.task.name,
+                task_run_name(cfg.task),
                 cfg.task.n_prompts,
                 cfg.task.seed,
                 overrides,
@@ -165,7 +167,10 @@ class RunContext:
 
     @property
     def task_name(self) -> str:
-        return self.cfg.task.name
+        """The task's name in artifact names (``file-{stem}`` for ``task=file``)."""
+        from attncomm.tasks import task_run_name
+
+        return task_run_name(self.cfg.task)
 
     @property
     def n_prompts(self) -> int:
@@ -201,26 +206,32 @@ class RunContext:
 
     @cached_property
     def task(self) -> Task:
-        from attncomm.tasks import get_task
+        from attncomm.tasks import get_task, task_kwargs
 
-        return get_task(self.cfg.task.name, **self.cfg.task.options)
+        return get_task(self.cfg.task.name, **task_kwargs(self.cfg.task))
 
     @cached_property
     def prompts(self) -> TaskPrompts:
         """The task's prompts for this job's N and seed, tokenized by the model's tokenizer."""
         tok = self.model.tokenizer
         self.task.check_tokenizer(tok)
-        return self.task.make_prompts(
+        prompts = self.task.make_prompts(
             tok,
             self.cfg.task.n_prompts,
             self.cfg.task.seed,
             self.cfg.model.prepend_bos,
             prompt_type=self.cfg.task.prompt_type,
         )
+        report = prompts.extra.get("prompt_file")
+        if report:  # a prompt-file task: rows read / dropped (and why) go to wandb and the manifest
+            self.tracker.summary({f"task_file/{k}": v for k, v in report.items()})
+        return prompts
 
     def record(self, stage: str, files: list[Path], extra: Any = None) -> None:
-        """Write the manifest entry of ``stage`` for the files it produced."""
-        update_manifest(self.artifacts, stage, files, self.config_dict, extra)
+        """Write the manifest entry of ``stage`` for the files it produced (with the prompt file's
+        rows read and dropped when this job read one)."""
+        report = self.__dict__["prompts"].extra.get("prompt_file") if "prompts" in self.__dict__ else None
+        update_manifest(self.artifacts, stage, files, self.config_dict, extra, prompt_file=report)
 
 
 def wandb_group(name: str, sweep_dir: str | None) -> str:

@@ -51,6 +51,29 @@ def example_roles(ctx: RunContext, index: int = 0) -> pd.DataFrame:
     )
 
 
+def prompt_file_lines(ctx: RunContext, summary: dict[str, Any]) -> list[str]:
+    """For a prompt-file task: rows read, dropped (and why), used, and the answer tokens (added to
+    ``summary`` too); nothing for the other tasks."""
+    prompts = ctx.prompts
+    report = prompts.extra.get("prompt_file")
+    if not report:
+        return []
+    summary.update({f"file_{k}": v for k, v in report.items() if k != "dropped_reasons"})
+    reasons = ", ".join(f"{k}: {v}" for k, v in report["dropped_reasons"].items()) or "none"
+    lines = [
+        f"prompt file {report['path']}: read {report['rows_read']} rows, dropped {report['rows_dropped']} "
+        f"({reasons}), usable {report['rows_usable']}, used {report['rows_used']}; "
+        f"{report['multi_token_answers']} answers cut to their first token",
+        f"corrupted prompts: {'yes' if prompts.corrupted_tokens is not None else 'none'}",
+        "answer tokens (answer | wrong answer) of the first prompts:",
+    ]
+    for i in range(min(5, len(prompts))):
+        meta = prompts.meta[i]
+        wrong = meta["wrong_answers"] or ["(mean over the vocabulary)"]
+        lines.append(f"  {meta['source']}: {meta['answers']} | {wrong}")
+    return lines
+
+
 @register_stage("describe", needs_model=True)
 def run_describe(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     """Load the model and task; summarise architecture, prompts, accuracy and role positions."""
@@ -79,6 +102,7 @@ def run_describe(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
         f"example prompt 0: {ctx.prompts.texts[0]!r}",
         roles.to_string(index=False),
     ]
+    lines += prompt_file_lines(ctx, summary)
     text = "\n".join(lines)
     log.info("\n%s", text)
     ctx.tracker.log_metrics(summary)

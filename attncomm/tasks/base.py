@@ -13,6 +13,9 @@ Conventions shared by every task:
   token of the sequence: the BOS when there is one).
 * ``labels`` gives each position with a role exactly one label: when two roles share a position, the
   role listed later in :attr:`Task.role_names` wins (section 4.4).
+* every task also builds a *corrupted counterpart* of each prompt (``corrupted_tokens``, for the
+  patching methods); the metric of a corrupted run is the task's own metric with the clean prompt's
+  answers at the clean ``end`` (see :class:`TaskPrompts`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ class UnknownTaskError(AttncommError, ValueError):
     """A task name that is not registered."""
 
 
+class CorruptedPromptsError(AttncommError, ValueError):
+    """A method needs corrupted prompts the task does not have, or of another length than the clean ones."""
+
+
 @dataclass
 class TaskPrompts:
     """A batch of task prompts: texts, tokens, role positions, answers and per-prompt metadata.
@@ -50,6 +57,20 @@ class TaskPrompts:
     wins). For greater-than ``correct`` holds the YY token, ``wrong`` is -1, ``yy`` the start year's last
     two digits and ``two_digit_ids[k]`` the token of the string ``f"{k:02d}"``. For induction ``wrong`` is
     -1 (the metric compares with the mean logit).
+
+    Corrupted counterparts (for activation patching and the other methods that contrast a clean run
+    with a corrupted one): ``corrupted_texts[i]`` / ``corrupted_tokens[i]`` / ``corrupted_lengths[i]`` are
+    the corrupted version of prompt ``i`` (``None`` when the task has none). ``corrupted_tokens`` is
+    right padded to the same width as ``tokens`` (both are padded to the longer of the two), with the
+    same BOS convention. The built-in tasks corrupt token for token, so their corrupted prompts have
+    the clean lengths: IOI -> the ABC prompt (the IO, S1 and S2 names replaced by three distinct names,
+    also distinct from the clean IO and S, same template), gt -> the start year's ``YY`` replaced by
+    ``01``, gp -> the name of the other gender, induction -> the first copy replaced by a fresh random
+    block (so the token at ``end`` has no earlier occurrence); file tasks use their ``corrupted``
+    column, which may tokenize to another length. The metric of a corrupted run is the task's own
+    metric with the *clean* prompt's answers (``correct``, ``wrong``, ``yy``) at the *clean* ``end``:
+    ``task.metric(model(prompts.corrupted_tokens), prompts)``. Use :meth:`require_corrupted` to get
+    the tokens with a clear error when they are missing or of the wrong length.
     """
 
     texts: list[str]
@@ -66,6 +87,9 @@ class TaskPrompts:
     yy: Int[Tensor, " batch"] | None = None
     two_digit_ids: Int[Tensor, " 100"] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    corrupted_texts: list[str] | None = None
+    corrupted_tokens: Int[Tensor, "batch pos"] | None = None
+    corrupted_lengths: Int[Tensor, " batch"] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -89,6 +113,35 @@ class TaskPrompts:
             else:
                 values[f.name] = value
         return TaskPrompts(**values)
+
+    def require_corrupted(self, what: str, equal_lengths: bool = True) -> Int[Tensor, "batch pos"]:
+        """The corrupted tokens, for the method ``what``; a :class:`CorruptedPromptsError` when unusable.
+
+        Raises when the task has no corrupted counterpart or, with ``equal_lengths``, naming the first
+        prompt whose clean and corrupted versions tokenize to different lengths (methods that patch
+        position by position need equal lengths).
+        """
+        if self.corrupted_tokens is None or self.corrupted_lengths is None:
+            raise CorruptedPromptsError(
+                f"{what} needs a corrupted counterpart of every prompt, but task '{self.task}' has none; "
+                "use a task that defines one (ioi, gt, gp, induction, or a prompt file with a "
+                "'corrupted' column)"
+            )
+        if equal_lengths:
+            differ = (self.corrupted_lengths != self.lengths).nonzero().reshape(-1)
+            if differ.numel():
+                i = int(differ[0])
+                where = self.meta[i].get("source", f"prompt {i}") if i < len(self.meta) else f"prompt {i}"
+                clean = self.texts[i]
+                corrupted = self.corrupted_texts[i] if self.corrupted_texts is not None else "?"
+                raise CorruptedPromptsError(
+                    f"{what} needs clean and corrupted prompts of equal token length, but {where} "
+                    f"({differ.numel()} of {len(self)} prompts differ) has clean {clean!r} "
+                    f"({int(self.lengths[i])} tokens) and corrupted {corrupted!r} "
+                    f"({int(self.corrupted_lengths[i])} tokens); rewrite the corrupted prompt to the same "
+                    "number of tokens or drop that row"
+                )
+        return self.corrupted_tokens
 
     def role_positions(self, role: str) -> Int[Tensor, " batch"]:
         """Position of ``role`` in each prompt, -1 where the prompt has no such role."""
@@ -245,11 +298,12 @@ def word_token_positions(
 
 
 def pad_batch(
-    rows: Sequence[Sequence[int]], pad: int
+    rows: Sequence[Sequence[int]], pad: int, width: int | None = None
 ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, " batch"]]:
-    """Right-pad token rows with ``pad``; returns the tokens and the lengths."""
+    """Right-pad token rows with ``pad`` to ``width`` (default: the longest row); tokens and lengths."""
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-    width = int(lengths.max()) if len(rows) else 0
+    longest = int(lengths.max()) if len(rows) else 0
+    width = longest if width is None else max(width, longest)
     tokens = torch.full((len(rows), width), pad, dtype=torch.long)
     for i, row in enumerate(rows):
         tokens[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
@@ -355,11 +409,26 @@ class Task(abc.ABC):
         wrong: Sequence[int] | Tensor | None,
         meta: list[dict[str, Any]],
         prepend_bos: bool,
+        corrupted_rows: list[list[int]] | None = None,
+        corrupted_texts: list[str] | None = None,
         **extra: Any,
     ) -> TaskPrompts:
-        """Pad the token rows and bundle them with roles, resolved labels and answers (``wrong=None``: -1)."""
-        tokens, lengths = pad_batch(rows, pad_id(tokenizer))
+        """Pad the token rows and bundle them with roles, resolved labels and answers (``wrong=None``: -1).
+
+        ``corrupted_rows`` / ``corrupted_texts`` (optional) are the corrupted counterparts; clean and
+        corrupted tokens are padded to one common width.
+        """
         n = len(rows)
+        width = max((len(r) for r in list(rows) + list(corrupted_rows or [])), default=0)
+        tokens, lengths = pad_batch(rows, pad_id(tokenizer), width)
+        corrupted_tokens = corrupted_lengths = None
+        if corrupted_rows is not None:
+            if len(corrupted_rows) != n or corrupted_texts is None or len(corrupted_texts) != n:
+                raise ValueError(
+                    f"task '{self.name}': {n} prompts but {len(corrupted_rows)} corrupted token rows and "
+                    f"{None if corrupted_texts is None else len(corrupted_texts)} corrupted texts"
+                )
+            corrupted_tokens, corrupted_lengths = pad_batch(corrupted_rows, pad_id(tokenizer), width)
         return TaskPrompts(
             texts=texts,
             tokens=tokens,
@@ -374,6 +443,9 @@ class Task(abc.ABC):
             meta=meta,
             task=self.name,
             prepend_bos=prepend_bos,
+            corrupted_texts=corrupted_texts if corrupted_rows is not None else None,
+            corrupted_tokens=corrupted_tokens,
+            corrupted_lengths=corrupted_lengths,
             **extra,
         )
 

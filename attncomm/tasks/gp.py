@@ -16,6 +16,10 @@ as for Gemma); ``starts`` = 0. This reproduces the published positions counted f
 GPT-2 and Pythia without BOS ``So`` and ``starts`` share position 0 and ``starts`` wins (it is later
 in :attr:`GenderedPronounTask.role_names`); with a BOS, ``So`` is position 1. Metric: ``logit(correct) -
 logit(wrong)`` at ``end`` = ``resid . (W_U[:, correct] - W_U[:, wrong]) + b_U[correct] - b_U[wrong]``.
+
+Corrupted counterpart: the same template with the name of the other gender at the same index of its
+list (John <-> Mary, David <-> Lisa, ...), token for token (names are single tokens), so the length is
+the clean one.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from attncomm.tasks.base import (
     check_options,
     pad_id,
     require_single_tokens,
+    single_token,
     word_token_positions,
 )
 
@@ -62,6 +67,13 @@ FEMALE_NAMES: tuple[str, ...] = (
 
 ANSWERS: dict[str, str] = {"male": " he", "female": " she"}
 _TEMPLATE = re.compile(r"^So \{name\} is (\S+) (\S+) (\S+) (\S+), (isn't)$")
+
+
+def opposite_name(name: str) -> str:
+    """The name at the same index of the other gender's list (``John`` <-> ``Mary``)."""
+    if name in MALE_NAMES:
+        return FEMALE_NAMES[MALE_NAMES.index(name)]
+    return MALE_NAMES[FEMALE_NAMES.index(name)]
 
 
 def all_prompts() -> list[tuple[str, str, int]]:
@@ -131,6 +143,7 @@ class GenderedPronounTask(TokenPairTask):
         pronoun = require_single_tokens(tokenizer, list(ANSWERS.values()), self.name, "the pronouns")
         offset = 1 if prepend_bos else 0
         rows, texts, roles, meta, correct, wrong = [], [], [], [], [], []
+        corrupted_rows, corrupted_texts = [], []
         for index in chosen:
             name, gender, t = full[index]
             text, ids, found = word_token_positions(
@@ -141,10 +154,35 @@ class GenderedPronounTask(TokenPairTask):
                 role["end" if k == 0 else f"end-{k}"] = pos + offset
             role["starts"] = 0
             other = "female" if gender == "male" else "male"
-            rows.append(([bos_id(tokenizer)] if prepend_bos else []) + ids)
+            bos = [bos_id(tokenizer)] if prepend_bos else []
+            rows.append(bos + ids)
             texts.append(text)
             roles.append(role)
             correct.append(pronoun[ANSWERS[gender]])
             wrong.append(pronoun[ANSWERS[other]])
-            meta.append({"prompt_index": index, "name": name, "gender": gender, "template_id": t})
-        return self._assemble(tokenizer, rows, texts, roles, correct, wrong, meta, prepend_bos)
+            swapped = opposite_name(name)
+            corrupted = list(ids)
+            corrupted[found["name"][0]] = single_token(tokenizer, " " + swapped)  # type: ignore[call-overload]
+            corrupted_rows.append(bos + corrupted)
+            corrupted_texts.append(TEMPLATES[t].format(name=swapped))
+            meta.append(
+                {
+                    "prompt_index": index,
+                    "name": name,
+                    "gender": gender,
+                    "template_id": t,
+                    "corrupted_name": swapped,
+                }
+            )
+        return self._assemble(
+            tokenizer,
+            rows,
+            texts,
+            roles,
+            correct,
+            wrong,
+            meta,
+            prepend_bos,
+            corrupted_rows=corrupted_rows,
+            corrupted_texts=corrupted_texts,
+        )

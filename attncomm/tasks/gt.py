@@ -23,6 +23,11 @@ completions ``YY' > YY`` minus the mean over ``YY' <= YY``; the metric is the sa
 the logits at ``end`` (so it equals ``resid . direction`` plus the same combination of ``b_U``).
 This is the task's own sign; the published intervention code used the opposite one for
 greater-than (section 7 of ACC-METHOD.md).
+
+Corrupted counterpart: the "01" start year of Hanna et al. (``"... from the year 1701 to the year
+17"``): the ``YY`` token is replaced by the token of ``"01"`` (token for token, so the length is the
+clean one; for GPT-2 this is also the tokenization of the corrupted text, except for 10xx years, where
+``" 1001"`` tokenizes differently and the corrupted row keeps the clean ``" 10"`` + ``"01"`` split).
 """
 
 from __future__ import annotations
@@ -294,6 +299,7 @@ class GreaterThanTask(Task):
         years = balanced_years(valid_years(tokenizer), n, rng)
         offset = 1 if prepend_bos else 0
         rows, texts, roles, meta = [], [], [], []
+        corrupted_rows, corrupted_texts = [], []
         for i in range(n):
             noun, year = nouns[int(noun_idx[i])], years[i]
             text, ids, found = word_token_positions(
@@ -301,13 +307,31 @@ class GreaterThanTask(Task):
             )
             role = {name: pos[0] + offset for name, pos in found.items()}
             role["starts"] = 0
-            rows.append(([bos_id(tokenizer)] if prepend_bos else []) + ids)
+            bos = [bos_id(tokenizer)] if prepend_bos else []
+            rows.append(bos + ids)
             texts.append(text)
             roles.append(role)
             meta.append({"noun": noun, "year": year, "XX": year // 100, "YY": year % 100})
+            corrupted = list(ids)
+            corrupted[found["YY"][0]] = int(digits[1])
+            corrupted_rows.append(bos + corrupted)
+            corrupted_texts.append(
+                "".join(p for _, p in sentence_pieces(tokenizer.eos_token, noun, year - year % 100 + 1))
+            )
         yy = torch.tensor([m["YY"] for m in meta], dtype=torch.long)
         return self._assemble(
-            tokenizer, rows, texts, roles, digits[yy], None, meta, prepend_bos, yy=yy, two_digit_ids=digits
+            tokenizer,
+            rows,
+            texts,
+            roles,
+            digits[yy],
+            None,
+            meta,
+            prepend_bos,
+            corrupted_rows=corrupted_rows,
+            corrupted_texts=corrupted_texts,
+            yy=yy,
+            two_digit_ids=digits,
         )
 
     @staticmethod

@@ -18,6 +18,13 @@ induction, which win collisions: ``starts`` = 0, ``prev`` = the earlier occurren
 ``end`` (``A{L-2}``), ``next`` = the token after it (``A{L-1}``, where an induction head attends),
 ``end-1``, ``end``. The role list depends on ``seq_len``, fixed per task object
 (``get_task("induction", seq_len=12)``).
+
+Corrupted counterpart: the first copy replaced by a fresh random block of ``seq_len`` distinct tokens
+that share none with the sequence (``[bos] + fresh + seq``), so the token at ``end`` has no earlier
+occurrence and an induction head has nothing to copy. The blocks are drawn with a separate
+``numpy.random.default_rng([seed, 1])``, so the clean prompts do not depend on them; when the
+candidates hold fewer than ``2 * seq_len`` tokens the fresh block may share tokens with the sequence
+(but never the token at ``end``).
 """
 
 from __future__ import annotations
@@ -44,6 +51,19 @@ from attncomm.tasks.base import (
 )
 
 DEFAULT_SEQ_LEN = 8
+
+
+def fresh_block(rng: np.random.Generator, pool: np.ndarray, seq: Sequence[int]) -> list[int]:
+    """``len(seq)`` distinct tokens from ``pool`` avoiding ``seq`` (or, if too few, avoiding ``seq[-2]``)."""
+    others = pool[~np.isin(pool, np.asarray(seq))]
+    if len(others) < len(seq):
+        others = pool[pool != seq[-2]]
+    if len(others) < len(seq):
+        raise TaskTokenizerError(
+            f"induction: the corrupted block needs {len(seq)} tokens other than the sequence's, "
+            f"only {len(others)} are available; use a wider token_range"
+        )
+    return [int(t) for t in rng.choice(others, size=len(seq), replace=False)]
 
 
 class InductionTask(Task):
@@ -109,8 +129,13 @@ class InductionTask(Task):
         rng = np.random.default_rng(seed)
         L, offset = self.seq_len, 1 if prepend_bos else 0
         rows, texts, roles, meta, correct = [], [], [], [], []
+        corrupt_rng = np.random.default_rng([seed, 1])
+        corrupted_rows, corrupted_texts = [], []
         for _ in range(n):
             seq = [int(t) for t in rng.choice(pool, size=L, replace=False)]
+            fresh = fresh_block(corrupt_rng, pool, seq)
+            corrupted_rows.append(([bos_id(tokenizer)] if prepend_bos else []) + fresh + seq)
+            corrupted_texts.append(tokenizer.decode(fresh + seq))
             ids = seq + seq
             role = {f"A{i}": i + offset for i in range(L)} | {f"B{i}": L + i + offset for i in range(L)}
             end = 2 * L - 2 + offset
@@ -125,8 +150,19 @@ class InductionTask(Task):
             texts.append(tokenizer.decode(ids))
             roles.append(role)
             correct.append(seq[-1])
-            meta.append({"sequence": seq})
-        return self._assemble(tokenizer, rows, texts, roles, correct, None, meta, prepend_bos)
+            meta.append({"sequence": seq, "corrupted_block": fresh})
+        return self._assemble(
+            tokenizer,
+            rows,
+            texts,
+            roles,
+            correct,
+            None,
+            meta,
+            prepend_bos,
+            corrupted_rows=corrupted_rows,
+            corrupted_texts=corrupted_texts,
+        )
 
     def direction(
         self, W_U: Float[Tensor, "d_model d_vocab"], prompts: TaskPrompts

@@ -16,6 +16,12 @@ name token, S2 = last occurrence of S, their neighbours ``+-1``, ``end``, ``end-
 leading space: names that are not are dropped (with a warning) before sampling, a no-op for GPT-2
 (all 89 are single tokens). Metric ``logit(IO) - logit(S)`` at ``end`` = ``resid . (W_U[:, IO] - W_U[:, S])
 + b_U[IO] - b_U[S]``.
+
+Corrupted counterpart: the ABC prompt of Wang et al., token for token: the IO, S1 and S2 names (and
+the final IO) are replaced by three names ``X``, ``Y``, ``Z`` that differ from each other and from the
+clean IO and S, same template, place and object (``"When X and Y went to the store, Z gave a drink
+to X"``). They are drawn with a separate ``random.Random(f"ioi-abc-{seed}")``, so the clean prompts do
+not depend on it. The name tokens are swapped in place, so the corrupted prompt has the clean length.
 """
 
 from __future__ import annotations
@@ -195,6 +201,34 @@ def fill_template(template: str, io: str, s: str, place: str, obj: str) -> str:
     return template.replace("[PLACE]", place).replace("[OBJECT]", obj).replace("[A]", io).replace("[B]", s)
 
 
+def abc_names(rng: random.Random, names: Sequence[str], avoid: Sequence[str]) -> tuple[str, str, str]:
+    """Three names that differ from each other and from ``avoid`` (the clean IO and S), for the ABC prompt."""
+    pool = [w for w in names if w not in set(avoid)]
+    if len(pool) < 3:
+        raise TaskTokenizerError(
+            f"IOI: the ABC corruption needs 5 single-token names, the tokenizer has {len(names)}"
+        )
+    x, y, z = rng.sample(pool, 3)
+    return x, y, z
+
+
+def fill_abc(template: str, x: str, y: str, z: str, place: str, obj: str) -> str:
+    """The ABC text of ``template``: IO -> ``x`` (both occurrences), S1 -> ``y``, S2 -> ``z``."""
+    first, second = template.find("[B]"), template.rfind("[B]")
+    filled = template[:first] + y + template[first + 3 : second] + z + template[second + 3 :]
+    return fill_template(filled, x, y, place, obj)
+
+
+def abc_ids(ids: Sequence[int], roles: dict[str, int], offset: int, x: int, y: int, z: int) -> list[int]:
+    """The ABC token row of a tokenized IOI sentence: IO and final IO -> ``x``, S1 -> ``y``, S2 -> ``z``."""
+    out = list(ids)
+    out[roles["IO"] - offset] = x
+    out[-1] = x
+    out[roles["S1"] - offset] = y
+    out[roles["S2"] - offset] = z
+    return out
+
+
 def _last(ids: Sequence[int], tok: int) -> int | None:
     hits = [i for i, t in enumerate(ids) if t == tok]
     return hits[-1] if hits else None
@@ -293,6 +327,9 @@ class IOITask(TokenPairTask):
         meta: list[dict[str, Any]] = []
         correct: list[int] = []
         wrong: list[int] = []
+        corrupt_rng = random.Random(f"ioi-abc-{seed}")
+        corrupted_rows: list[list[int]] = []
+        corrupted_texts: list[str] = []
         for _ in range(n):
             template = rng.choice(pool)
             a = b = c = ""
@@ -309,6 +346,12 @@ class IOITask(TokenPairTask):
                     "each template must end with ' [A]' and name IO and S twice each, after a space"
                 )
             role = ioi_roles(ids, io_tok, s_tok, punct_toks, verb_toks, offset)
+            x, y, z = abc_names(corrupt_rng, names, (a, b))
+            corrupted_texts.append(fill_abc(template, x, y, z, place, obj))
+            corrupted_rows.append(
+                ([bos_id(tokenizer)] if prepend_bos else [])
+                + abc_ids(ids, role, offset, *(encode(tokenizer, " " + w)[0] for w in (x, y, z)))
+            )
             rows.append(([bos_id(tokenizer)] if prepend_bos else []) + ids)
             texts.append(text)
             roles.append(role)
@@ -329,6 +372,18 @@ class IOITask(TokenPairTask):
                     "C": c,
                     "PLACE": place,
                     "OBJECT": obj,
+                    "corrupted_names": (x, y, z),
                 }
             )
-        return self._assemble(tokenizer, rows, texts, roles, correct, wrong, meta, prepend_bos)
+        return self._assemble(
+            tokenizer,
+            rows,
+            texts,
+            roles,
+            correct,
+            wrong,
+            meta,
+            prepend_bos,
+            corrupted_rows=corrupted_rows,
+            corrupted_texts=corrupted_texts,
+        )
