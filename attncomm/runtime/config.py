@@ -177,7 +177,7 @@ MIB_EDGE_BUDGETS: list[float] = [0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0,
 
 @dataclass
 class MethodConfig:
-    """The circuit-discovery method of ``stage=discover`` / ``stage=evaluate`` (``method=eap|eap-ig|exact|acc``)."""
+    """The circuit-discovery method of stage=discover / stage=evaluate (method=eap|eap-ig|exact|acc)."""
 
     name: str = "eap"  # eap | eap-ig | exact | acc
     ig_steps: int = 5  # eap-ig: integration steps on the inputs (EAP-IG's default)
