@@ -27,6 +27,7 @@ the negation; selection uses absolute values, so circuits are the same.)
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -173,22 +174,31 @@ def node_outputs(model: Any, graph: EdgeGraph, tokens: Int[Tensor, "batch pos"])
     return logits, buf
 
 
+#: ``on_grad(columns, hi, grad)``: the gradient ``[n_columns, batch, pos, d_model]`` of the input slots
+#: ``columns``, which read the outputs with forward index below ``hi``
+GradFn = Callable[[slice, int, Tensor], None]
+
+
 def slot_gradients(
     model: Any,
     graph: EdgeGraph,
     tokens: Int[Tensor, "batch pos"],
     metric: Callable[[Tensor], Tensor],
+    on_grad: GradFn,
     input_value: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One forward and one backward pass: ``(metric per prompt, outputs, d sum(metric) / d slot)``.
+    before_backward: Callable[[Tensor], None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One forward and one backward pass: returns ``(metric per prompt, outputs[n_forward, b, p, d])``.
 
-    ``input_value`` replaces the ``input`` node's output (EAP-IG's interpolated embeddings). Gradients
-    are ``[n_backward, batch, pos, d_model]``; parameters get no gradients.
+    During the backward pass ``on_grad`` receives the gradient of ``sum(metric)`` at every input slot
+    (each layer's q, k, v slots and MLP slot, then the logits), so callers reduce it at once instead of
+    holding all slots' gradients. ``before_backward(outputs)`` runs between the passes.
+    ``input_value`` replaces the ``input`` node's output (EAP-IG's interpolated embeddings); parameters
+    get no gradients.
     """
     b, p, d = _shape_of(model, tokens)
     lay = _Layout(graph)
     outs = torch.zeros(graph.n_forward, b, p, d, dtype=model.dtype, device=model.device)
-    grads = torch.zeros(graph.n_backward, b, p, d, dtype=model.dtype, device=model.device)
     leaf: list[Tensor] = []
 
     def make_leaf(t: Tensor, hook: Any) -> Tensor:
@@ -196,10 +206,10 @@ def slot_gradients(
         leaf.append(x)
         return x
 
-    def grad_store(index: slice | int, per_head: bool) -> Callable[..., Tensor]:
+    def grad_hook(cols: slice, hi: int, per_head: bool) -> Callable[..., Tensor]:
         def fwd(t: Tensor, hook: Any) -> Tensor:
             def bwd(g: Tensor) -> None:
-                grads[index] = g.detach().permute(2, 0, 1, 3) if per_head else g.detach()
+                on_grad(cols, hi, g.detach().permute(2, 0, 1, 3) if per_head else g.detach()[None])
 
             # a copy, so that only this slot's reader sees it (hook_mlp_in's tensor is also resid_mid,
             # which the residual connection adds to the MLP output)
@@ -212,21 +222,63 @@ def slot_gradients(
     hooks: list[tuple[str, Callable[..., Any]]] = [("blocks.0.hook_resid_pre", make_leaf)]
     hooks += _output_hooks(model, lay, outs)
     for layer in range(lay.L):
+        hi = lay.heads(layer).start
         for letter in "qkv":
-            hooks.append((f"blocks.{layer}.hook_{letter}_input", grad_store(lay.slots(layer, letter), True)))
-        hooks.append((f"blocks.{layer}.hook_mlp_in", grad_store(lay.mlp_slot(layer), False)))
-    hooks.append(("ln_final.hook_in", grad_store(graph.n_backward - 1, False)))
+            hooks.append(
+                (f"blocks.{layer}.hook_{letter}_input", grad_hook(lay.slots(layer, letter), hi, True))
+            )
+        mlp = lay.mlp_slot(layer)
+        hooks.append(
+            (f"blocks.{layer}.hook_mlp_in", grad_hook(slice(mlp, mlp + 1), lay.mlp_prev(layer), False))
+        )
+    last = graph.n_backward - 1
+    hooks.append(("ln_final.hook_in", grad_hook(slice(last, last + 1), graph.n_forward, False)))
     with torch.enable_grad():
         logits = model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=hooks)
         values = metric(logits)
+        if before_backward is not None:
+            before_backward(outs)
         torch.autograd.grad(values.sum(), leaf)
-    return values.detach(), outs, grads
+    return values.detach(), outs
 
 
 def _batches(n: int, batch_size: int) -> list[Tensor]:
     if batch_size < 1:
         raise EdgePatchingInputError(f"batch size must be at least 1, got {batch_size}")
     return [torch.arange(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
+
+
+def _call_metric(metric: MetricFn, idx: Tensor, logits: Tensor) -> Tensor:
+    return metric(logits, idx)
+
+
+def _eap_batch(
+    model: Any,
+    graph: EdgeGraph,
+    clean: Tensor,
+    corrupted: Tensor,
+    metric: Callable[[Tensor], Tensor],
+    ig_steps: int,
+    scores: Tensor,
+) -> None:
+    """Add one batch's (unnormalised) EAP / EAP-IG scores to ``scores``."""
+    _, out_corr = node_outputs(model, graph, corrupted)
+    state: dict[str, Tensor] = {}
+
+    def set_diff(outs: Tensor) -> None:
+        if "diff" not in state:  # the first (alpha = 1) run is the clean run
+            state["diff"] = (outs - out_corr).flatten(1)
+            state["embed"] = outs[0]
+
+    def on_grad(cols: slice, hi: int, g: Tensor) -> None:
+        part = state["diff"][:hi] @ g.flatten(1).T
+        scores[:hi, cols] += part.to(torch.float64) / ig_steps
+
+    for k in range(ig_steps, 0, -1):  # alpha = 1 first: its outputs are the clean run's
+        value = None
+        if k != ig_steps:
+            value = out_corr[0] + (k / ig_steps) * (state["embed"] - out_corr[0])
+        slot_gradients(model, graph, clean, metric, on_grad, input_value=value, before_backward=set_diff)
 
 
 def eap_scores(
@@ -245,30 +297,19 @@ def eap_scores(
     gradient of the metric at ``v``'s slot: at the clean run for EAP; for EAP-IG the mean over
     ``alpha = k / ig_steps`` (``k = 1..ig_steps``, a right Riemann sum, so one step is EAP) of the
     gradient at the run whose embeddings are ``corrupted + alpha (clean - corrupted)``. Pairs that are
-    not edges are NaN. Per batch: one corrupted forward pass and ``ig_steps`` forward+backward passes.
+    not edges are NaN. Per batch: one corrupted forward pass and ``ig_steps`` forward+backward passes;
+    each slot's gradient is reduced against the output differences as soon as the backward pass
+    produces it, so memory holds two ``[n_forward, batch, pos, d_model]`` tensors, not the slots'.
     """
     check_pair(clean, corrupted)
     if ig_steps < 1:
         raise EdgePatchingInputError(f"method.ig_steps must be at least 1, got {ig_steps}")
-    scores = torch.zeros(graph.n_forward, graph.n_backward, dtype=torch.float64)
+    scores = torch.zeros(graph.n_forward, graph.n_backward, dtype=torch.float64, device=model.device)
     with edge_hooks_enabled(model):
         for idx in tqdm(_batches(len(clean), batch_size), desc="eap", leave=False, disable=not progress):
-            _, out_corr = node_outputs(model, graph, corrupted[idx])
-            total = None
-            out_clean = None
-            for k in range(ig_steps, 0, -1):  # alpha = 1 first: its outputs are the clean run's
-                alpha = k / ig_steps
-                value = None if k == ig_steps else out_corr[0] + alpha * (out_clean[0] - out_corr[0])  # type: ignore[index]
-                _, outs, grads = slot_gradients(
-                    model, graph, clean[idx], lambda logits, idx=idx: metric(logits, idx), value
-                )
-                if k == ig_steps:
-                    out_clean = outs
-                total = grads if total is None else total + grads
-            assert out_clean is not None and total is not None
-            diff = (out_clean - out_corr).flatten(1)
-            scores += (diff @ (total / ig_steps).flatten(1).T).to(torch.float64).cpu()
-    scores /= len(clean)
+            batch_metric = functools.partial(_call_metric, metric, idx)
+            _eap_batch(model, graph, clean[idx], corrupted[idx], batch_metric, ig_steps, scores)
+    scores = scores.cpu() / len(clean)
     scores[~graph.real] = float("nan")
     return scores
 
