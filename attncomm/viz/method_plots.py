@@ -66,6 +66,8 @@ def methods_figure(curves: pd.DataFrame, summary: pd.DataFrame, title: str | Non
     ax_size.set_title("circuit sizes")
     ax_size.margins(y=0.15)
     twin.margins(y=0.15)
+    ax_size.set_ylim(bottom=0)
+    twin.set_ylim(bottom=0)
     handles = ax_size.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     ax_size.legend(handles, ["edges", "nodes"], fontsize=8)
     if title:
