@@ -375,26 +375,31 @@ def patched_logits(
     graph: EdgeGraph,
     tokens: Int[Tensor, "batch pos"],
     ablated: Tensor | None,
-    keep: Bool[Tensor, "n_forward n_backward"],
-) -> Float[Tensor, "batch pos d_vocab"]:
+    keep: Bool[Tensor, "n_forward n_backward"] | Bool[Tensor, "n_circuits n_forward n_backward"],
+) -> Float[Tensor, "batch pos d_vocab"] | Float[Tensor, "n_circuits batch pos d_vocab"]:
     """Run ``tokens`` with every edge outside ``keep`` carrying its parent's ablated output.
 
-    ``ablated`` is ``[n_forward, batch|1, pos, d_model]`` (None = zero). Call inside
+    ``ablated`` is ``[n_forward, batch|1, pos, d_model]`` (None = zero). With a stack of ``R`` circuits
+    (``keep`` of shape ``[R, n_forward, n_backward]``) the batch is repeated ``R`` times and run in one
+    forward pass, one circuit per copy; the logits are then ``[R, batch, pos, d_vocab]``. Call inside
     :func:`edge_hooks_enabled`.
     """
+    stacked = keep.ndim == 3
+    keeps = keep if stacked else keep[None]
+    R = int(keeps.shape[0])
     b, p, d = _shape_of(model, tokens)
     lay = _Layout(graph)
-    cur = torch.zeros(graph.n_forward, b, p, d, dtype=model.dtype, device=model.device)
-    missing = (graph.real & ~keep.to(graph.real.device)).to(model.dtype).to(model.device)
+    cur = torch.zeros(graph.n_forward, R * b, p, d, dtype=model.dtype, device=model.device)
+    missing = (graph.real[None] & ~keeps.to(graph.real.device)).to(model.dtype).to(model.device)
+    abl = None if ablated is None else ablated[:, None]  # [n_forward, 1, batch|1, pos, d]
 
-    def delta(cols: slice | int, hi: int) -> Tensor | None:
-        m = missing[:hi, cols]
-        if m.ndim == 1:
-            m = m[:, None]
+    def delta(cols: slice, hi: int) -> Tensor | None:
+        m = missing[:, :hi, cols]  # [R, hi, n_cols]
         if not bool(m.any()):
             return None
-        diff = -cur[:hi] if ablated is None else ablated[:hi] - cur[:hi]
-        return torch.einsum("ibpd,ij->jbpd", diff, m)
+        now = cur[:hi].view(hi, R, b, p, d)
+        diff = -now if abl is None else abl[:hi] - now
+        return torch.einsum("irbpd,rij->jrbpd", diff, m).reshape(m.shape[-1], R * b, p, d)
 
     def slot_hook(cols: slice, hi: int) -> Callable[..., Tensor]:
         def fwd(t: Tensor, hook: Any) -> Tensor:
@@ -405,7 +410,7 @@ def patched_logits(
 
     def single_hook(col: int, hi: int) -> Callable[..., Tensor]:
         def fwd(t: Tensor, hook: Any) -> Tensor:
-            dv = delta(col, hi)
+            dv = delta(slice(col, col + 1), hi)
             return t if dv is None else t + dv[0]
 
         return fwd
@@ -417,8 +422,15 @@ def patched_logits(
             hooks.append((f"blocks.{layer}.hook_{letter}_input", slot_hook(lay.slots(layer, letter), hi)))
         hooks.append((f"blocks.{layer}.hook_mlp_in", single_hook(lay.mlp_slot(layer), lay.mlp_prev(layer))))
     hooks.append(("ln_final.hook_in", single_hook(graph.n_backward - 1, graph.n_forward)))
+    run_tokens = tokens.to(model.device).repeat(R, 1)
     with torch.no_grad():
-        return model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=hooks)
+        logits = model.bridge.run_with_hooks(run_tokens, fwd_hooks=hooks)
+    return logits.view(R, b, *logits.shape[1:]) if stacked else logits
+
+
+def _copies(batch: int, copies: int | None) -> int:
+    """How many circuits one forward pass runs: about 32 prompt copies per pass, at least one circuit."""
+    return copies if copies is not None else max(1, 32 // max(1, batch))
 
 
 def evaluate_circuits(
@@ -430,15 +442,21 @@ def evaluate_circuits(
     metric: MetricFn,
     batch_size: int = 8,
     progress: bool = False,
+    copies: int | None = None,
 ) -> Float[Tensor, " n_circuits"]:
-    """Mean metric over the prompts of the model with each circuit (edges outside it ablated), float64."""
+    """Mean metric over the prompts of the model with each circuit (edges outside it ablated), float64.
+
+    ``copies`` circuits share one forward pass (default: about 32 prompt copies per pass)."""
     sums = torch.zeros(len(circuits), dtype=torch.float64)
     with edge_hooks_enabled(model):
         for idx in tqdm(_batches(len(clean), batch_size), desc="evaluate", leave=False, disable=not progress):
             ablated = ablation.values(model, graph, idx)
-            for c, keep in enumerate(circuits):
-                logits = patched_logits(model, graph, clean[idx], ablated, keep)
-                sums[c] += metric(logits, idx).to(torch.float64).sum().cpu()
+            step = _copies(len(idx), copies)
+            for start in range(0, len(circuits), step):
+                keeps = torch.stack(list(circuits[start : start + step]))
+                logits = patched_logits(model, graph, clean[idx], ablated, keeps)
+                for r in range(len(keeps)):
+                    sums[start + r] += metric(logits[r], idx).to(torch.float64).sum().cpu()
     return sums / len(clean)
 
 
@@ -451,10 +469,12 @@ def exact_scores(
     batch_size: int = 8,
     edges: Sequence[tuple[int, int]] | None = None,
     progress: bool = False,
+    copies: int | None = None,
 ) -> Float[Tensor, "n_forward n_backward"]:
     """Each edge's true effect: ``mean_prompts metric(clean) - metric(clean with that edge ablated)``.
 
-    One patched forward pass per edge and batch: for toy and tiny models (and as the tests' reference).
+    One patched copy of the batch per edge (``copies`` edges per forward pass): for toy and tiny models
+    (and as the tests' reference).
     ``edges`` restricts the work to some ``(i, j)`` pairs; the others are NaN.
     """
     pairs = edges if edges is not None else [tuple(x) for x in torch.nonzero(graph.real).tolist()]
@@ -466,11 +486,15 @@ def exact_scores(
             ablated = ablation.values(model, graph, idx)
             with torch.no_grad():
                 base = metric(model.bridge.run_with_hooks(clean[idx].to(model.device), fwd_hooks=[]), idx)
-            for e, (i, j) in enumerate(pairs):
-                keep = full.clone()
-                keep[i, j] = False
-                logits = patched_logits(model, graph, clean[idx], ablated, keep)
-                sums[e] += (base - metric(logits, idx)).to(torch.float64).sum().cpu()
+            step = _copies(len(idx), copies)
+            for start in range(0, len(pairs), step):
+                chunk = pairs[start : start + step]
+                keeps = full[None].repeat(len(chunk), 1, 1)
+                for r, (i, j) in enumerate(chunk):
+                    keeps[r, i, j] = False
+                logits = patched_logits(model, graph, clean[idx], ablated, keeps)
+                for r in range(len(chunk)):
+                    sums[start + r] += (base - metric(logits[r], idx)).to(torch.float64).sum().cpu()
     for e, (i, j) in enumerate(pairs):
         scores[i, j] = sums[e] / len(clean)
     return scores
