@@ -91,6 +91,27 @@ def hand_eap(model, clean, corrupted, metric, edge: str) -> float:
     return float(grad)
 
 
+def hand_ig(model, clean, corrupted, metric, edge: str, steps: int) -> float:
+    """The EAP-IG score by hand: the mean over alpha = k/steps of the directional derivative of the
+    metric along (out_u(clean) - out_u(corrupted)) at slot v, embeddings interpolated by alpha."""
+    parent, slot = edge.split("->")
+    with edge_hooks_enabled(model):
+        diff = (_out_value(model, clean, parent) - _out_value(model, corrupted, parent)).detach()
+        emb_clean = _out_value(model, clean, "input").detach()
+        emb_corr = _out_value(model, corrupted, "input").detach()
+        total = 0.0
+        for k in range(1, steps + 1):
+            eps = torch.zeros((), dtype=torch.float64, requires_grad=True)
+            name, fn = _slot_hook(slot, lambda t, eps=eps: eps * diff)
+            embed = emb_corr + (k / steps) * (emb_clean - emb_corr)
+            hooks = [("blocks.0.hook_resid_pre", lambda t, hook, e=embed: e), (name, fn)]
+            with torch.enable_grad():
+                logits = model.bridge.run_with_hooks(clean, fwd_hooks=hooks)
+                (grad,) = torch.autograd.grad(metric(logits, torch.arange(len(clean))).mean(), eps)
+            total += float(grad)
+    return total / steps
+
+
 def hand_exact(model, clean, corrupted, metric, edge: str) -> float:
     """metric(clean) - metric(clean with only u -> v carrying u's corrupted output), by one hand hook."""
     parent, slot = edge.split("->")
@@ -134,6 +155,9 @@ def test_eap_equals_hand_autograd_and_ig1(builder: str) -> None:
     torch.testing.assert_close(ig1[graph.real], scores[graph.real], rtol=0, atol=1e-9)
     ig3 = eap_scores(model, graph, clean, corrupted, last_pos_metric, batch_size=3, ig_steps=3)
     assert not torch.allclose(ig3[graph.real], scores[graph.real])  # more steps: a different estimate
+    for edge in ["input->a1.h0<k>", "a1.h1->logits"]:
+        i, j = graph.edge_index(edge)
+        assert abs(float(ig3[i, j]) - hand_ig(model, clean, corrupted, last_pos_metric, edge, 3)) < 1e-9
 
 
 def test_parallel_mlp_does_not_read_same_layer_heads() -> None:
