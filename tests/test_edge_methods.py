@@ -232,3 +232,36 @@ def test_gemma_refused() -> None:
     with pytest.raises(UnsupportedModelError, match="post-attention norm"):
         with edge_hooks_enabled(model):
             pass
+
+
+def test_patched_runs_against_hand_hooks() -> None:
+    """Two circuits whose patched runs a plain hook reproduces: (a) every edge except those out of one
+    node = that node's output patched from the corrupted run; (b) only the edges input->logits and
+    a0.h0->logits = the corrupted run plus (clean - corrupted) embeddings at the final residual."""
+    model = fresh_tiny("tiny-gpt2")
+    graph = EdgeGraph(graph_shape(model))
+    clean, corrupted = random_pair(3)
+    idx = torch.arange(len(clean))
+    ablation = make_ablation("patching", model, graph, clean, corrupted=corrupted)
+    without_a1h2 = graph.full()
+    without_a1h2[graph.out_index["a1.h2"]] = False
+    only_two = graph.empty()
+    for name in ["input->logits", "a0.h0->logits"]:
+        only_two[graph.edge_index(name)] = True
+    got = evaluate_circuits(
+        model, graph, clean, ablation, [without_a1h2, only_two], last_pos_metric, 3, copies=2
+    )
+    with edge_hooks_enabled(model):
+        corr_result = _out_value(model, corrupted, "a1.h2")
+        clean_result = _out_value(model, clean, "a1.h2")
+        emb_diff = _out_value(model, clean, "input") - _out_value(model, corrupted, "input")
+        with torch.no_grad():
+            # (a): a1.h2's write replaced: add (corrupted - clean) of its result to the attention output
+            a = model.bridge.run_with_hooks(
+                clean, fwd_hooks=[("blocks.1.hook_attn_out", lambda t, hook: t + corr_result - clean_result)]
+            )
+            b = model.bridge.run_with_hooks(
+                corrupted, fwd_hooks=[("ln_final.hook_in", lambda t, hook: t + emb_diff)]
+            )
+    assert abs(float(got[0]) - float(last_pos_metric(a, idx).mean())) < 1e-9
+    assert abs(float(got[1]) - float(last_pos_metric(b, idx).mean())) < 1e-9

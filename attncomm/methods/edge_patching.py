@@ -132,27 +132,36 @@ class _Layout:
         return self.heads(layer).start if self.g.shape.parallel_attn else self.mlp(layer)
 
 
-def _output_hooks(
-    model: Any, lay: _Layout, buf: Tensor, override_input: Tensor | None = None
-) -> list[tuple[str, Callable[..., Any]]]:
-    """Forward hooks that write every node's output of this run into ``buf[n_forward, b, p, d]``."""
+#: ``write(rows, value)``: store the outputs ``value[n_rows, batch, pos, d_model]`` of forward rows ``rows``
+WriteFn = Callable[[slice, Tensor], None]
+
+
+def _into(buf: Tensor) -> WriteFn:
+    """A writer that copies outputs into ``buf[n_forward, b, p, d]``."""
+
+    def write(rows: slice, value: Tensor) -> None:
+        buf[rows] = value
+
+    return write
+
+
+def _output_hooks(model: Any, lay: _Layout, write: WriteFn) -> list[tuple[str, Callable[..., Any]]]:
+    """Forward hooks that hand every node's output of this run to ``write`` (in forward order)."""
     W_O = model.weights.W_O
     hooks: list[tuple[str, Callable[..., Any]]] = []
 
-    def on_input(t: Tensor, hook: Any) -> Tensor:
-        if override_input is not None:
-            t = override_input
-        buf[0] = t.detach()
-        return t
+    def on_input(t: Tensor, hook: Any) -> None:
+        write(slice(0, 1), t.detach()[None])
 
     hooks.append(("blocks.0.hook_resid_pre", on_input))
     for layer in range(lay.L):
 
         def on_z(t: Tensor, hook: Any, layer: int = layer) -> None:
-            buf[lay.heads(layer)] = torch.einsum("bphe,hed->hbpd", t.detach(), W_O[layer].to(t.dtype))
+            write(lay.heads(layer), torch.einsum("bphe,hed->hbpd", t.detach(), W_O[layer].to(t.dtype)))
 
         def on_mlp(t: Tensor, hook: Any, layer: int = layer) -> None:
-            buf[lay.mlp(layer)] = t.detach()
+            m = lay.mlp(layer)
+            write(slice(m, m + 1), t.detach()[None])
 
         hooks.append((f"blocks.{layer}.attn.hook_z", on_z))
         hooks.append((f"blocks.{layer}.hook_mlp_out", on_mlp))
@@ -169,7 +178,7 @@ def node_outputs(model: Any, graph: EdgeGraph, tokens: Int[Tensor, "batch pos"])
     buf = torch.zeros(graph.n_forward, b, p, d, dtype=model.dtype, device=model.device)
     with torch.no_grad():
         logits = model.bridge.run_with_hooks(
-            tokens.to(model.device), fwd_hooks=_output_hooks(model, _Layout(graph), buf)
+            tokens.to(model.device), fwd_hooks=_output_hooks(model, _Layout(graph), _into(buf))
         )
     return logits, buf
 
@@ -220,7 +229,7 @@ def slot_gradients(
         return fwd
 
     hooks: list[tuple[str, Callable[..., Any]]] = [("blocks.0.hook_resid_pre", make_leaf)]
-    hooks += _output_hooks(model, lay, outs)
+    hooks += _output_hooks(model, lay, _into(outs))
     for layer in range(lay.L):
         hi = lay.heads(layer).start
         for letter in "qkv":
@@ -389,17 +398,44 @@ def patched_logits(
     R = int(keeps.shape[0])
     b, p, d = _shape_of(model, tokens)
     lay = _Layout(graph)
-    cur = torch.zeros(graph.n_forward, R * b, p, d, dtype=model.dtype, device=model.device)
-    missing = (graph.real[None] & ~keeps.to(graph.real.device)).to(model.dtype).to(model.device)
+    dev = model.device
+    real = graph.real.to(dev)
+    keeps = keeps.to(dev) & real[None]
+    missing = real[None] & ~keeps
+    # dbuf[i] = ablated_i - current_i, filled in forward order; prefix[hi] = sum of dbuf[:hi]
+    dbuf = torch.zeros(graph.n_forward, R, b, p, d, dtype=model.dtype, device=dev)
     abl = None if ablated is None else ablated[:, None]  # [n_forward, 1, batch|1, pos, d]
+    prefix: dict[int, Tensor] = {0: torch.zeros(R, b, p, d, dtype=model.dtype, device=dev)}
+
+    def write(rows: slice, value: Tensor) -> None:
+        now = value.view(value.shape[0], R, b, p, d)
+        dbuf[rows] = -now if abl is None else abl[rows] - now
+
+    def prefix_sum(hi: int) -> Tensor:
+        if hi not in prefix:
+            last = max(k for k in prefix if k < hi)
+            prefix[hi] = prefix[last] + dbuf[last:hi].sum(0)
+        return prefix[hi]
 
     def delta(cols: slice, hi: int) -> Tensor | None:
+        """What the slots ``cols`` get added: the sum of ``dbuf`` over their missing parents, computed
+        from the fewer of the missing and the kept parents (every ``i < hi`` is a parent)."""
         m = missing[:, :hi, cols]  # [R, hi, n_cols]
-        if not bool(m.any()):
+        n_missing = int(m.sum())
+        if n_missing == 0:
             return None
-        now = cur[:hi].view(hi, R, b, p, d)
-        diff = -now if abl is None else abl[:hi] - now
-        return torch.einsum("irbpd,rij->jrbpd", diff, m).reshape(m.shape[-1], R * b, p, d)
+        k = keeps[:, :hi, cols]
+        n_cols = m.shape[-1]
+        if int(k.sum()) < n_missing:
+            rows = torch.nonzero(k.any(dim=2).any(dim=0)).flatten()
+            out = prefix_sum(hi)[None].expand(n_cols, R, b, p, d)
+            if rows.numel():
+                kept = torch.einsum("irbpd,rij->jrbpd", dbuf[rows], k[:, rows].to(dbuf.dtype))
+                out = out - kept
+        else:
+            rows = torch.nonzero(m.any(dim=2).any(dim=0)).flatten()
+            out = torch.einsum("irbpd,rij->jrbpd", dbuf[rows], m[:, rows].to(dbuf.dtype))
+        return out.reshape(n_cols, R * b, p, d)
 
     def slot_hook(cols: slice, hi: int) -> Callable[..., Tensor]:
         def fwd(t: Tensor, hook: Any) -> Tensor:
@@ -415,7 +451,7 @@ def patched_logits(
 
         return fwd
 
-    hooks = _output_hooks(model, lay, cur)
+    hooks = _output_hooks(model, lay, write)
     for layer in range(lay.L):
         hi = lay.heads(layer).start
         for letter in "qkv":
