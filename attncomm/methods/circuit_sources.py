@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from attncomm.core.edge_graph import EdgeGraph, GraphShape, expand_nodes
 from attncomm.errors import ConfigError
 from attncomm.io.circuits_data import excluded_components, literature_circuit
@@ -58,8 +60,6 @@ def literature_edges(
             f"({graph.shape.n_layers} layers x {graph.shape.n_heads} heads) does not have"
         )
     edges = expand_nodes(graph, nodes)
-    import torch
-
     scores = torch.full((graph.n_forward, graph.n_backward), float("nan"), dtype=torch.float64)
     return EdgeCircuit(graph, scores, edges, meta={"source": f"literature:{method}"})
 
