@@ -125,7 +125,14 @@ def test_stages_on_toy_ioi(tmp_path: Path) -> None:
     g = acc.graph
     in_graph = {g.edge_name(i, j) for i, j in (acc.in_graph & g.real).nonzero().tolist()}
     assert in_graph == {"a2.h1->logits", "a1.h3->a2.h1<q>", "input->a1.h3<k>", "input->a1.h3<q>"}
+    cfg.evaluate.acc_untraced = "ablate"  # the mapped edges exactly
     run_evaluate(cfg, ctx)
+    rows = pd.read_csv(faithfulness_csv(run_dir, "acc", "toy-ioi", "ioi")).set_index("circuit")
+    assert rows.loc["acc circuit", "n_edges"] == 4
+    cfg.evaluate.acc_untraced = "complete"  # + values of a1.h3 and a2.h1 from input and a1.h3
+    run_evaluate(cfg, ctx)
+    rows = pd.read_csv(faithfulness_csv(run_dir, "acc", "toy-ioi", "ioi")).set_index("circuit")
+    assert rows.loc["acc circuit", "n_edges"] == 4 + 3
 
     cfg.compare_methods.methods = ["eap", "acc"]
     run_compare_methods(cfg, ctx)

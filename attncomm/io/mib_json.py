@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from attncomm.core.edge_graph import EdgeGraph, EdgeGraphError, GraphShape, prune
+from attncomm.core.edge_graph import EdgeGraph, EdgeGraphError, GraphShape, nodes_of
 from attncomm.errors import AttncommError
 from attncomm.io.artifacts import atomic_write_text
 
@@ -45,8 +45,11 @@ class EdgeCircuit:
 
     @property
     def nodes_in_graph(self) -> Bool[Tensor, " n_forward"]:
-        """Nodes with an edge in the circuit (after the pruning rule)."""
-        return prune(self.graph, self.in_graph)[1]
+        """Nodes (forward order) that an edge of the circuit leaves or enters; ``input`` always."""
+        touched = nodes_of(self.graph, self.in_graph)
+        out = torch.tensor([n in touched for n in self.graph.out_names])
+        out[0] = True
+        return out
 
     @property
     def n_edges(self) -> int:
@@ -62,7 +65,7 @@ def to_mib_dict(circuit: EdgeCircuit) -> dict[str, Any]:
     g = circuit.graph
     scores = circuit.scores.to(torch.float64)
     in_graph = circuit.in_graph & g.real
-    nodes_alive = prune(g, in_graph)[1]
+    nodes_alive = circuit.nodes_in_graph
     nodes: dict[str, Any] = {}
     for i, name in enumerate(g.out_names):
         entry: dict[str, Any] = {"in_graph": bool(nodes_alive[i])}

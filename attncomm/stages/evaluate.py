@@ -69,6 +69,16 @@ def check_evaluate_config(cfg: AppConfig) -> list[float]:
     return budgets
 
 
+def finish_acc(graph: EdgeGraph, edges: torch.Tensor, cfg: AppConfig) -> torch.Tensor:
+    """An ACC circuit as evaluated: with ``evaluate.acc_untraced=complete`` its heads' value inputs and
+    its MLPs' inputs come from every earlier circuit node, then it is pruned; with ``ablate`` it is
+    taken as mapped, unpruned (ACC never traces into MLPs, so pruning would cut every path that starts
+    at an MLP)."""
+    if cfg.evaluate.acc_untraced == "ablate":
+        return edges & graph.real
+    return prune(graph, complete_untraced_slots(graph, edges))[0]
+
+
 @register_stage("evaluate", consumes=("edge_scores",), produces=("faithfulness",), needs_model=True)
 def run_evaluate(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     """Faithfulness curve, CPR and CMD of a method's edge scores (and of fixed circuits)."""
@@ -85,14 +95,12 @@ def run_evaluate(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
         label, circuit = load_fixed_circuit(cfg.evaluate.circuit, shape, data, model_name, task_name)
         fixed.append((label, circuit.in_graph))
     path = edges_json(ctx.run_dir, method, model_name, task_name)
+    acc = method == "acc"
     scores = None
     if path.is_file():
         own = read_mib_json(path, expected=shape)
         scores = own.scores
-        own_edges = own.in_graph
-        if method == "acc" and cfg.evaluate.acc_untraced == "complete":
-            own_edges = complete_untraced_slots(graph, own_edges)
-        fixed.insert(0, (f"{method} circuit", own_edges))
+        fixed.insert(0, (f"{method} circuit", finish_acc(graph, own.in_graph, cfg) if acc else own.in_graph))
     elif not fixed:
         raise MissingArtifactError(
             str(path),
@@ -106,12 +114,11 @@ def run_evaluate(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     ]
     if scores is not None:
         for b in budgets:
-            edges = select(graph, scores, cfg.evaluate.select, b, cfg.method.absolute)
-            if method == "acc" and cfg.evaluate.acc_untraced == "complete":
-                edges = prune(graph, complete_untraced_slots(graph, edges))[0]
-            circuits.append(("budget", b, edges))
+            edges = select(graph, scores, cfg.evaluate.select, b, cfg.method.absolute, do_prune=not acc)
+            circuits.append(("budget", b, finish_acc(graph, edges, cfg) if acc else edges))
     for label, edges in fixed:
-        edges = prune(graph, edges)[0]
+        if not (acc and label == f"{method} circuit"):  # ACC's own circuit is finished already
+            edges = prune(graph, edges)[0]
         circuits.append((label, 100.0 * int(edges.sum()) / graph.n_edges, edges))
 
     prompts = ctx.prompts
