@@ -482,18 +482,29 @@ def evaluate_circuits(
 ) -> Float[Tensor, " n_circuits"]:
     """Mean metric over the prompts of the model with each circuit (edges outside it ablated), float64.
 
-    ``copies`` circuits share one forward pass (default: about 32 prompt copies per pass)."""
-    sums = torch.zeros(len(circuits), dtype=torch.float64)
+    ``copies`` circuits share one forward pass (default: about 32 prompt copies per pass); circuits with
+    the same edges run once."""
+    real = graph.real
+    unique: list[Tensor] = []
+    which: list[int] = []
+    for keep in circuits:
+        keep = keep & real
+        hit = next((u for u, seen in enumerate(unique) if torch.equal(seen, keep)), None)
+        if hit is None:
+            unique.append(keep)
+            hit = len(unique) - 1
+        which.append(hit)
+    sums = torch.zeros(len(unique), dtype=torch.float64)
     with edge_hooks_enabled(model):
         for idx in tqdm(_batches(len(clean), batch_size), desc="evaluate", leave=False, disable=not progress):
             ablated = ablation.values(model, graph, idx)
             step = _copies(len(idx), copies)
-            for start in range(0, len(circuits), step):
-                keeps = torch.stack(list(circuits[start : start + step]))
+            for start in range(0, len(unique), step):
+                keeps = torch.stack(unique[start : start + step])
                 logits = patched_logits(model, graph, clean[idx], ablated, keeps)
                 for r in range(len(keeps)):
                     sums[start + r] += metric(logits[r], idx).to(torch.float64).sum().cpu()
-    return sums / len(clean)
+    return (sums / len(clean))[torch.tensor(which, dtype=torch.long)]
 
 
 def exact_scores(
