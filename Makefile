@@ -41,6 +41,8 @@ format: install
 bench: install
 	$(PY) -m attncomm.bench trace --prompts 8
 	$(PY) -m attncomm.bench act_patch --prompts 1
+	$(PY) -m attncomm.bench eap --prompts 64
+	$(PY) -m attncomm.bench evaluate --prompts 64
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

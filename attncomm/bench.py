@@ -1,4 +1,5 @@
-"""Benchmarks: ``python -m attncomm.bench trace --prompts 8 [--task ioi] [--dtype float32]``.
+"""Benchmarks: ``python -m attncomm.bench trace --prompts 8 [--task ioi] [--dtype float32]``,
+``python -m attncomm.bench eap --prompts 64`` and ``python -m attncomm.bench evaluate --prompts 64``.
 
 Builds (once) and loads the random ``gpt2-small-random`` test model (into ``$ATTNCOMM_CACHE``, default
 ``~/.cache/attncomm``), times the Omega SVD of all heads, then traces task prompts with
@@ -82,6 +83,66 @@ def bench_trace(
     }
 
 
+def _gpt2_small_random(dtype: torch.dtype) -> tuple[Any, float]:
+    """Load (building once) gpt2-small-random; returns the adapter and the load seconds."""
+    cfg = ModelConfig(
+        name="gpt2-small-random",
+        short_name="gpt2-small-random",
+        family="gpt2",
+        builder="gpt2-small-random",
+        tokenizer="gpt2-offline",
+    )
+    t0 = time.perf_counter()
+    model = load_model(cfg, device="cpu", dtype=dtype, cache_dir=default_cache_dir())
+    return model, time.perf_counter() - t0
+
+
+def bench_edges(
+    what: str, n_prompts: int, task_name: str, dtype: torch.dtype, batch_size: int, seed: int = 0
+) -> dict:
+    """``eap``: EAP over every edge of gpt2-small-random; ``evaluate``: an EAP circuit at 10 budgets."""
+    from attncomm.core.edge_graph import EdgeGraph, select
+    from attncomm.core.faithfulness import MIB_BUDGETS_PERCENT
+    from attncomm.methods.edge_patching import eap_scores, evaluate_circuits, graph_shape, make_ablation
+
+    model, load_s = _gpt2_small_random(dtype)
+    task = get_task(task_name)
+    prompts = task.make_prompts(model.tokenizer, n_prompts, seed=seed, prepend_bos=model.cfg.prepend_bos)
+    corrupted = prompts.require_corrupted(f"bench {what}")
+    graph = EdgeGraph(graph_shape(model))
+
+    def metric(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return task.metric(logits, prompts.subset(idx))
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    scores = eap_scores(model, graph, prompts.tokens, corrupted, metric, batch_size)
+    eap_s, eap_cpu = time.perf_counter() - t0, time.process_time() - c0
+    result: dict[str, Any] = {
+        "bench": what,
+        "model": model.short_name,
+        "task": task_name,
+        "dtype": str(dtype).replace("torch.", ""),
+        "prompts": n_prompts,
+        "positions": int(prompts.tokens.shape[1]),
+        "batch_size": batch_size,
+        "edges": graph.n_edges,
+        "eap_seconds": round(eap_s, 3),
+        "eap_cpu_seconds": round(eap_cpu, 3),  # = wall time of an uncontended single thread
+        "load_seconds": round(load_s, 3),
+    }
+    if what == "evaluate":
+        circuits = [select(graph, scores, "topn", b) for b in MIB_BUDGETS_PERCENT]
+        ablation = make_ablation("patching", model, graph, prompts.tokens, corrupted=corrupted)
+        t0, c0 = time.perf_counter(), time.process_time()
+        evaluate_circuits(model, graph, prompts.tokens, ablation, circuits, metric, batch_size)
+        result["budgets"] = len(circuits)
+        result["evaluate_seconds"] = round(time.perf_counter() - t0, 3)
+        result["evaluate_cpu_seconds"] = round(time.process_time() - c0, 3)
+    result["torch_threads"] = torch.get_num_threads()
+    result["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point (``python -m attncomm.bench trace ...``): prints one JSON line."""
     parser = argparse.ArgumentParser(prog="python -m attncomm.bench", description=__doc__)
@@ -99,6 +160,14 @@ def main(argv: list[str] | None = None) -> int:
         help="torch intra-op threads (default 1: robust on a shared machine)",
     )
     _add_act_patch_parser(sub)
+    for what in ("eap", "evaluate"):
+        edges = sub.add_parser(what, help=f"{what} over every edge of gpt2-small-random (32,491 edges)")
+        edges.add_argument("--prompts", type=int, default=64)
+        edges.add_argument("--task", default="ioi")
+        edges.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+        edges.add_argument("--batch-size", type=int, default=16)
+        edges.add_argument("--seed", type=int, default=0)
+        edges.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_grad_enabled(False)
@@ -106,7 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.command == "act_patch":
         return _run_act_patch(args)
-    result = bench_trace(args.prompts, args.task, DTYPES[args.dtype], seed=args.seed, progress=args.progress)
+    if args.command in ("eap", "evaluate"):
+        result = bench_edges(
+            args.command, args.prompts, args.task, DTYPES[args.dtype], args.batch_size, args.seed
+        )
+    else:
+        result = bench_trace(
+            args.prompts, args.task, DTYPES[args.dtype], seed=args.seed, progress=args.progress
+        )
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
 

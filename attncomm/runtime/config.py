@@ -181,6 +181,55 @@ class PipelineConfig:
     force: bool = False
 
 
+#: MIB's edge budgets in percent of all edges (circuit localization track)
+MIB_EDGE_BUDGETS: list[float] = [0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0]
+
+
+@dataclass
+class MethodConfig:
+    """The circuit-discovery method of stage=discover / stage=evaluate (method=eap|eap-ig|exact|acc)."""
+
+    name: str = "eap"  # eap | eap-ig | exact | acc
+    ig_steps: int = 5  # eap-ig: integration steps on the inputs (EAP-IG's default)
+    batch_size: int | None = None  # None: task.batch_size
+    #: the circuit written as ``in_graph`` of the edges JSON: topn | greedy (budget % of edges) | threshold
+    select: str = "topn"
+    budget: float = 5.0  # percent of all edges, for select=topn|greedy
+    threshold: float = 0.0  # minimum |score|, for select=threshold
+    absolute: bool = True  # rank edges by |score|
+    acc_threshold: float | None = None  # acc: pruned graph to map (None: compare.threshold)
+
+
+@dataclass
+class EvaluateConfig:
+    """Faithfulness of circuits (``stage=evaluate``)."""
+
+    ablation: str = "patching"  # patching (from corrupted) | mean (over the task's prompts) | zero
+    budgets: list[float] = field(default_factory=lambda: list(MIB_EDGE_BUDGETS))
+    select: str = "topn"  # topn | greedy
+    log_x: bool = False  # integrate CPR/CMD over log(budget) instead of the budget fraction
+    #: a fixed circuit to score besides the method's curve: a MIB/EAP-IG JSON file, or
+    #: ``literature:METHOD`` (a circuit of attncomm/data/circuits.yaml expanded to edges); null: none
+    circuit: str | None = None
+    acc_untraced: str = "complete"  # complete | ablate: the <v> / MLP inputs ACC does not trace
+
+
+@dataclass
+class CompareMethodsConfig:
+    """Method-vs-method and method-vs-literature comparison (``stage=compare_methods``)."""
+
+    methods: list[str] = field(default_factory=lambda: ["eap", "eap-ig", "exact", "acc"])
+    literature: bool = True  # also compare with the canonical literature circuit
+
+
+@dataclass
+class GatherMethodsConfig:
+    """``stage=gather_methods``: every run's CPR/CMD under ``root`` into one table and figure."""
+
+    root: str | None = None  # None: paths.root
+    out_dir: str | None = None  # None: {root}/methods_summary
+
+
 @dataclass
 class StageSelectConfig:
     """Which stage this job runs (``stage=NAME``); parameters live under the stage's own top-level key.
@@ -227,6 +276,10 @@ class AppConfig:
     attr_patch: AttrPatchConfig = field(default_factory=AttrPatchConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     qk_ov: QkOvConfig = field(default_factory=QkOvConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    compare_methods: CompareMethodsConfig = field(default_factory=CompareMethodsConfig)
+    gather_methods: GatherMethodsConfig = field(default_factory=GatherMethodsConfig)
 
 
 def package_path(relative: str) -> str:

@@ -45,7 +45,8 @@ def comparison_bar_plot(df: pd.DataFrame, title: str | None = None, reference: s
     methods = list(dict.fromkeys(df["Method B"]))
     metrics = [m for m in METRIC_ORDER if m in set(df["Metric"])]
     table = df.pivot_table(index="Method B", columns="Metric", values="Value", aggfunc="first")
-    fig = new_figure((1.6 + 1.4 * len(methods), 3.6))
+    # wide enough for the legend's three entries even with one method
+    fig = new_figure((max(4.2, 1.6 + 1.4 * len(methods)), 4.0))
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(metrics))
     for i, metric in enumerate(metrics):
@@ -54,9 +55,10 @@ def comparison_bar_plot(df: pd.DataFrame, title: str | None = None, reference: s
         bars = ax.bar(xs, values, width=width, label=metric)
         ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
     ax.set_xticks(range(len(methods)), methods, rotation=15, ha="right")
-    ax.set_ylim(0, 1.1)
+    ax.set_ylim(0, 1.12)  # room for the label of a bar at 1.00
     ax.set_ylabel("score" if reference is None else f"score vs {reference}")
-    ax.legend(loc="upper left", fontsize=8, ncols=len(metrics))
+    # outside the axes, below the tick labels: a legend inside hid the bar labels of values near 1
+    fig.legend(loc="outside lower center", fontsize=8, ncols=len(metrics), frameon=False)
     if title is None and {"Model", "Task"} <= set(df.columns) and len(df):
         title = f"{df['Model'].iloc[0]} {df['Task'].iloc[0]}"
     if title:

@@ -1,0 +1,267 @@
+"""Edge-level methods on real (tiny) models: EAP against hand autograd, EAP-IG(1) = EAP, exact against a
+hand-written patching hook, evaluation end points, and the ACC mapping."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import Tensor
+
+from attncomm.core.edge_graph import EdgeGraph
+from attncomm.methods.edge_patching import (
+    UnsupportedModelError,
+    eap_scores,
+    edge_hooks_enabled,
+    evaluate_circuits,
+    exact_scores,
+    graph_shape,
+    make_ablation,
+)
+from attncomm.models.adapter import ModelAdapter, load_model
+from tests.edge_fixtures import hand_corrupted, ioi_prompts, load_toy_ioi, task_metric
+from tests.models_fixtures import test_cache_dir, tiny_model_config
+
+
+@functools.cache
+def fresh_tiny(builder: str) -> ModelAdapter:
+    """A float64 tiny model of our own (edge methods switch split q/k/v inputs on)."""
+    return load_model(
+        tiny_model_config(builder), device="cpu", dtype=torch.float64, cache_dir=test_cache_dir()
+    )
+
+
+def random_pair(seed: int = 0, b: int = 3, p: int = 7) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 500, (b, p), generator=g), torch.randint(0, 500, (b, p), generator=g)
+
+
+def last_pos_metric(logits: Tensor, idx: Tensor) -> Tensor:
+    return logits[:, -1, 11] - logits[:, -1, 42]
+
+
+# ---- hand references ---------------------------------------------------------------------------
+
+
+def _out_value(model: ModelAdapter, tokens: Tensor, node: str) -> Tensor:
+    """A node's output, read with plain hooks: embeddings, hook_z @ W_O of one head, or hook_mlp_out."""
+    if node == "input":
+        name = "blocks.0.hook_resid_pre"
+    elif node.startswith("m"):
+        name = f"blocks.{int(node[1:])}.hook_mlp_out"
+    else:
+        layer = int(node[1 : node.index(".")])
+        name = f"blocks.{layer}.attn.hook_z"
+    _, cache = model.run_with_cache(tokens, [name])
+    value = cache[name]
+    if node.startswith("a"):
+        layer, head = (int(x) for x in node[1:].split(".h"))
+        value = value[:, :, head] @ model.weights.W_O[layer, head]
+    return value
+
+
+def _slot_hook(slot: str, add) -> tuple[str, object]:
+    """(hook name, fn) adding ``add(t_slice)`` to one input slot."""
+    if slot == "logits":
+        return "ln_final.hook_in", lambda t, hook: t + add(t)
+    if slot.startswith("m"):
+        return f"blocks.{int(slot[1:])}.hook_mlp_in", lambda t, hook: t + add(t)
+    node, letter = slot[:-3], slot[-2]
+    layer, head = (int(x) for x in node[1:].split(".h"))
+
+    def fn(t: Tensor, hook) -> Tensor:
+        t = t.clone()
+        t[:, :, head] = t[:, :, head] + add(t[:, :, head])
+        return t
+
+    return f"blocks.{layer}.hook_{letter}_input", fn
+
+
+def hand_eap(model, clean, corrupted, metric, edge: str) -> float:
+    """d/d eps of metric(clean, slot += eps * (out_u(clean) - out_u(corrupted))) at eps = 0 (autograd)."""
+    parent, slot = edge.split("->")
+    with edge_hooks_enabled(model):
+        diff = (_out_value(model, clean, parent) - _out_value(model, corrupted, parent)).detach()
+        eps = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        name, fn = _slot_hook(slot, lambda t: eps * diff)
+        with torch.enable_grad():
+            logits = model.bridge.run_with_hooks(clean, fwd_hooks=[(name, fn)])
+            (grad,) = torch.autograd.grad(metric(logits, torch.arange(len(clean))).mean(), eps)
+    return float(grad)
+
+
+def hand_ig(model, clean, corrupted, metric, edge: str, steps: int) -> float:
+    """The EAP-IG score by hand: the mean over alpha = k/steps of the directional derivative of the
+    metric along (out_u(clean) - out_u(corrupted)) at slot v, embeddings interpolated by alpha."""
+    parent, slot = edge.split("->")
+    with edge_hooks_enabled(model):
+        diff = (_out_value(model, clean, parent) - _out_value(model, corrupted, parent)).detach()
+        emb_clean = _out_value(model, clean, "input").detach()
+        emb_corr = _out_value(model, corrupted, "input").detach()
+        total = 0.0
+        for k in range(1, steps + 1):
+            eps = torch.zeros((), dtype=torch.float64, requires_grad=True)
+            name, fn = _slot_hook(slot, lambda t, eps=eps: eps * diff)
+            embed = emb_corr + (k / steps) * (emb_clean - emb_corr)
+            hooks = [("blocks.0.hook_resid_pre", lambda t, hook, e=embed: e), (name, fn)]
+            with torch.enable_grad():
+                logits = model.bridge.run_with_hooks(clean, fwd_hooks=hooks)
+                (grad,) = torch.autograd.grad(metric(logits, torch.arange(len(clean))).mean(), eps)
+            total += float(grad)
+    return total / steps
+
+
+def hand_exact(model, clean, corrupted, metric, edge: str) -> float:
+    """metric(clean) - metric(clean with only u -> v carrying u's corrupted output), by one hand hook."""
+    parent, slot = edge.split("->")
+    with edge_hooks_enabled(model):
+        diff = (_out_value(model, corrupted, parent) - _out_value(model, clean, parent)).detach()
+        name, fn = _slot_hook(slot, lambda t: diff)
+        with torch.no_grad():
+            base = model.bridge.run_with_hooks(clean, fwd_hooks=[])
+            patched = model.bridge.run_with_hooks(clean, fwd_hooks=[(name, fn)])
+    idx = torch.arange(len(clean))
+    return float((metric(base, idx) - metric(patched, idx)).mean())
+
+
+SOME_EDGES = [
+    "input->a0.h1<q>",
+    "input->a1.h0<k>",
+    "a0.h2->a2.h3<v>",
+    "a0.h0->m0",
+    "m1->a2.h0<q>",
+    "a2.h1->logits",
+]
+
+
+@pytest.mark.parametrize("builder", ["tiny-gpt2", "tiny-pythia"])
+def test_eap_equals_hand_autograd_and_ig1(builder: str) -> None:
+    model = fresh_tiny(builder)
+    graph = EdgeGraph(graph_shape(model))
+    clean, corrupted = random_pair()
+    scores = eap_scores(model, graph, clean, corrupted, last_pos_metric, batch_size=2)
+    assert scores.dtype == torch.float64 and torch.isnan(scores[~graph.real]).all()
+    assert not torch.isnan(scores[graph.real]).any()
+    edges = [e for e in SOME_EDGES if not (builder == "tiny-pythia" and e == "a0.h0->m0")]
+    if builder == "tiny-pythia":
+        edges.append("a0.h0->m1")
+    for edge in edges:
+        i, j = graph.edge_index(edge)
+        assert abs(float(scores[i, j]) - hand_eap(model, clean, corrupted, last_pos_metric, edge)) < 1e-9, (
+            edge
+        )
+    ig1 = eap_scores(model, graph, clean, corrupted, last_pos_metric, batch_size=3, ig_steps=1)
+    torch.testing.assert_close(ig1[graph.real], scores[graph.real], rtol=0, atol=1e-9)
+    ig3 = eap_scores(model, graph, clean, corrupted, last_pos_metric, batch_size=3, ig_steps=3)
+    assert not torch.allclose(ig3[graph.real], scores[graph.real])  # more steps: a different estimate
+    for edge in ["input->a1.h0<k>", "a1.h1->logits"]:
+        i, j = graph.edge_index(edge)
+        assert abs(float(ig3[i, j]) - hand_ig(model, clean, corrupted, last_pos_metric, edge, 3)) < 1e-9
+
+
+def test_parallel_mlp_does_not_read_same_layer_heads() -> None:
+    model = fresh_tiny("tiny-pythia")
+    graph = EdgeGraph(graph_shape(model))
+    assert graph.shape.parallel_attn
+    with pytest.raises(Exception, match="unknown edge"):
+        graph.edge_index("a0.h0->m0")
+    # and the model agrees: patching a0.h0's output into m0's input would be a no-op edge; m0 reads resid_pre
+    clean, corrupted = random_pair(1)
+    assert hand_exact(model, clean, corrupted, last_pos_metric, "a0.h0->m1") != 0.0
+
+
+def test_eap_on_toy_ioi_equals_hand_autograd() -> None:
+    model = load_toy_ioi()
+    prompts = ioi_prompts(model, 5)
+    corrupted = hand_corrupted(prompts)
+    metric = task_metric(prompts)
+    graph = EdgeGraph(graph_shape(model))
+    scores = eap_scores(model, graph, prompts.tokens, corrupted, metric, batch_size=2)
+    for edge in ["input->a0.h1<k>", "a1.h2->a2.h0<q>", "a2.h3->logits", "a0.h0->a2.h1<v>"]:
+        i, j = graph.edge_index(edge)
+        assert abs(float(scores[i, j]) - hand_eap(model, prompts.tokens, corrupted, metric, edge)) < 1e-9
+
+
+@pytest.mark.parametrize("builder", ["tiny-gpt2", "tiny-pythia"])
+def test_exact_equals_hand_patching(builder: str) -> None:
+    model = fresh_tiny(builder)
+    graph = EdgeGraph(graph_shape(model))
+    clean, corrupted = random_pair(2)
+    ablation = make_ablation("patching", model, graph, clean, corrupted=corrupted)
+    edges = ["input->a0.h1<q>", "a0.h2->a2.h3<v>", "m1->a2.h0<k>", "a2.h1->logits", "m2->logits"]
+    pairs = [graph.edge_index(e) for e in edges]
+    scores = exact_scores(model, graph, clean, ablation, last_pos_metric, batch_size=2, edges=pairs)
+    for edge, (i, j) in zip(edges, pairs, strict=True):
+        assert abs(float(scores[i, j]) - hand_exact(model, clean, corrupted, last_pos_metric, edge)) < 1e-9
+    assert torch.isnan(scores[0, graph.in_index["m0"]])  # not asked for
+
+
+@pytest.mark.parametrize("ablation_kind", ["patching", "mean", "zero"])
+def test_evaluate_end_points(ablation_kind: str) -> None:
+    model = load_toy_ioi()
+    prompts = ioi_prompts(model, 4)
+    corrupted = hand_corrupted(prompts)
+    metric = task_metric(prompts)
+    graph = EdgeGraph(graph_shape(model))
+    ablation = make_ablation(
+        ablation_kind, model, graph, prompts.tokens, prompts.lengths, corrupted=corrupted, batch_size=3
+    )
+    full, empty = evaluate_circuits(
+        model, graph, prompts.tokens, ablation, [graph.full(), graph.empty()], metric, batch_size=3
+    )
+    with torch.no_grad():
+        clean_metric = metric(
+            model.bridge.run_with_hooks(prompts.tokens, fwd_hooks=[]), torch.arange(4)
+        ).mean()
+        corrupt_metric = metric(model.bridge.run_with_hooks(corrupted, fwd_hooks=[]), torch.arange(4)).mean()
+    assert abs(float(full) - float(clean_metric)) < 1e-9
+    if ablation_kind == "patching":
+        # every edge carries the corrupted run's values: the corrupted run itself
+        assert abs(float(empty) - float(corrupt_metric)) < 1e-9
+        faith = (empty - empty) / (full - empty)
+        assert float(faith) == 0.0
+    else:
+        assert abs(float(empty) - float(clean_metric)) > 1e-6
+
+
+def test_gemma_refused() -> None:
+    model = load_model(
+        tiny_model_config("tiny-gemma2"), device="cpu", dtype=torch.float32, cache_dir=test_cache_dir()
+    )
+    with pytest.raises(UnsupportedModelError, match="post-attention norm"):
+        with edge_hooks_enabled(model):
+            pass
+
+
+def test_patched_runs_against_hand_hooks() -> None:
+    """Two circuits whose patched runs a plain hook reproduces: (a) every edge except those out of one
+    node = that node's output patched from the corrupted run; (b) only the edges input->logits and
+    a0.h0->logits = the corrupted run plus (clean - corrupted) embeddings at the final residual."""
+    model = fresh_tiny("tiny-gpt2")
+    graph = EdgeGraph(graph_shape(model))
+    clean, corrupted = random_pair(3)
+    idx = torch.arange(len(clean))
+    ablation = make_ablation("patching", model, graph, clean, corrupted=corrupted)
+    without_a1h2 = graph.full()
+    without_a1h2[graph.out_index["a1.h2"]] = False
+    only_two = graph.empty()
+    for name in ["input->logits", "a0.h0->logits"]:
+        only_two[graph.edge_index(name)] = True
+    got = evaluate_circuits(
+        model, graph, clean, ablation, [without_a1h2, only_two], last_pos_metric, 3, copies=2
+    )
+    with edge_hooks_enabled(model):
+        corr_result = _out_value(model, corrupted, "a1.h2")
+        clean_result = _out_value(model, clean, "a1.h2")
+        emb_diff = _out_value(model, clean, "input") - _out_value(model, corrupted, "input")
+        with torch.no_grad():
+            # (a): a1.h2's write replaced: add (corrupted - clean) of its result to the attention output
+            a = model.bridge.run_with_hooks(
+                clean, fwd_hooks=[("blocks.1.hook_attn_out", lambda t, hook: t + corr_result - clean_result)]
+            )
+            b = model.bridge.run_with_hooks(
+                corrupted, fwd_hooks=[("ln_final.hook_in", lambda t, hook: t + emb_diff)]
+            )
+    assert abs(float(got[0]) - float(last_pos_metric(a, idx).mean())) < 1e-9
+    assert abs(float(got[1]) - float(last_pos_metric(b, idx).mean())) < 1e-9
