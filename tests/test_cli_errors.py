@@ -111,3 +111,15 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path: Path, probe: str) -> N
     errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, out.stderr[-3000:]
     assert says in errors[0], errors[0]
+
+
+def test_hydra_full_error_shows_the_traceback(tmp_path: Path) -> None:
+    env = dict(os.environ, HYDRA_FULL_ERROR="1")
+    env.setdefault("ATTNCOMM_CACHE", str(tmp_path / "cache"))
+    args = ["stage=prune", "prune.step=7", "logger.mode=disabled", f"paths.root={tmp_path / 'out'}"]
+    out = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run.py"), *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "Traceback" in out.stderr and "prune.step=7" in out.stderr, out.stderr[-3000:]

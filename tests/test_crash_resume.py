@@ -27,8 +27,9 @@ COMPARED = (".graphml", ".h5", ".csv", ".parquet", ".json", ".cyjs", ".html")
 SKIPPED_NAMES = ("manifest.json", "manifest.jsonl")
 
 
-def overrides(stage: str, run_dir: Path) -> list[str]:
+def overrides(stage: str, run_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
     return [
+        *extra,
         f"stage={stage}",
         "model=tiny-pythia",
         "task=ioi",
@@ -45,10 +46,10 @@ def overrides(stage: str, run_dir: Path) -> list[str]:
     ]
 
 
-def in_process(stage: str, run_dir: Path) -> None:
+def in_process(stage: str, run_dir: Path, extra: tuple[str, ...] = ()) -> None:
     register_configs()
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose(config_name="config", overrides=overrides(stage, run_dir)))
+        cfg = OmegaConf.to_object(compose(config_name="config", overrides=overrides(stage, run_dir, extra)))
     assert isinstance(cfg, AppConfig)
     run_job(cfg)
 
@@ -96,9 +97,18 @@ def intervened(traced: Path) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def sharded(traced: Path) -> Path:
+    """Both shards of the trace done, not merged."""
+    run_dir = traced.parent / "sharded"
+    for shard in (0, 1):
+        in_process("trace", run_dir, ("trace.n_shards=2", f"trace.shard={shard}", "trace.merge=false"))
+    return run_dir
+
+
 #: stage -> which prepared run directory it starts from (None: an empty one)
 STARTS = {"omega": None, "trace": None, "unify": "traced", "sparsity": "traced", "interventions": "unified"}
-STARTS |= {"prune": "intervened", "export": "intervened"}
+STARTS |= {"prune": "intervened", "export": "intervened", "trace_merge": "sharded"}
 
 
 @pytest.mark.slow
@@ -113,6 +123,7 @@ STARTS |= {"prune": "intervened", "export": "intervened"}
         ("interventions", 1),
         ("prune", 3),
         ("export", 2),
+        ("trace_merge", 1),
     ],
 )
 def test_sigkill_mid_write_then_rerun_gives_identical_artifacts(
@@ -121,7 +132,7 @@ def test_sigkill_mid_write_then_rerun_gives_identical_artifacts(
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     start = STARTS[stage]
     if start is not None:
-        source = request.getfixturevalue("intervened" if start == "intervened" else "traced")
+        source = request.getfixturevalue("traced" if start == "unified" else start)
         for target in (clean, killed):
             shutil.copytree(source, target)
             if start == "unified":
