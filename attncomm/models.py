@@ -49,6 +49,7 @@ and transformers 5.23.0 (the tests in ``tests/test_models.py`` and ``tests/test_
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -276,11 +277,23 @@ def load_model(
         )
     except OSError as err:
         raise _not_available(cfg, f"{source} (HF cache {_hf_hub_cache()})", str(err)) from err
-    bridge.enable_compatibility_mode(disable_warnings=True)
+    with _weight_cache(cfg, source, root, dtype):
+        bridge.enable_compatibility_mode(disable_warnings=True)
     if dtype == torch.float64:
         _use_float64_norms(bridge)
     bridge.eval()
     return ModelAdapter(cfg=cfg, bridge=bridge, tokenizer=tokenizer, device=device, dtype=dtype)
+
+
+def _weight_cache(
+    cfg: ModelConfig, source: Path | str, root: Path, dtype: torch.dtype
+) -> contextlib.AbstractContextManager[Any]:
+    """The processed-weight cache (:mod:`attncomm.weight_cache`) when on and the weights are local."""
+    if not getattr(cfg, "weight_cache", True) or not isinstance(source, Path):
+        return contextlib.nullcontext()
+    from attncomm.weight_cache import processed_weights_cache
+
+    return processed_weights_cache(root, cfg.short_name, source, dtype)
 
 
 def _hf_attention(bridge: Any) -> Any:

@@ -22,12 +22,13 @@ from tqdm.auto import tqdm
 from attncomm.core.contributions import PromptWrites, head_value_writes
 from attncomm.core.omega import OmegaCache
 from attncomm.core.tracing import FiringResult, PromptTensors, trace_prompt
+from attncomm.memory import memory_budget_bytes
 from attncomm.models import ModelAdapter
 from attncomm.tasks.base import Task, TaskPrompts
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PromptTrace", "build_omega_cache", "needed_hooks", "trace_prompts"]
+__all__ = ["PromptTrace", "build_omega_cache", "cache_bytes", "needed_hooks", "trace_prompts"]
 
 
 @dataclass
@@ -80,6 +81,13 @@ def needed_hooks(model: ModelAdapter) -> list[str]:
         if a.post_attn_norm:
             names.append(model.ln1_post_scale(layer))
     return names
+
+
+def cache_bytes(model: ModelAdapter, n_pos: int) -> int:
+    """Bytes of the hooks :func:`needed_hooks` caches for one prompt of ``n_pos`` tokens (model dtype)."""
+    a = model.arch
+    per_layer = a.n_heads * n_pos * n_pos + n_pos * (3 * a.d_model + a.n_kv_heads * a.d_head + 4)
+    return torch.empty((), dtype=model.dtype).element_size() * (a.n_layers * per_layer + n_pos * a.d_model)
 
 
 def _prompt_tensors(
@@ -154,11 +162,15 @@ def trace_prompts(
     batch_size: int = 8,
     upstream_fraction: float = 0.7,
     seed_fraction: float = 1.0,
+    max_memory_gb: float | None = None,
 ) -> Iterator[PromptTrace]:
     """Trace every prompt (batched forward passes, only the needed hooks cached) and yield its result.
 
     ``prompt_ids[i]`` is the id of ``prompts``' row ``i`` (default ``0..N-1``). Selection arithmetic
     (term selection, greedy rules) runs in ``dtype`` (float32 by default, as the reference).
+    ``max_memory_gb`` bounds the chunked intermediates (``None``: a safe fraction of the available
+    memory, :func:`attncomm.memory.memory_budget_bytes`): the forward batch shrinks so that its cached
+    hooks fit, and each layer's firings are traced in chunks that fit.
     """
     n_prompts = len(prompts)
     ids = list(range(n_prompts)) if prompt_ids is None else [int(i) for i in prompt_ids]
@@ -168,6 +180,9 @@ def trace_prompts(
     labels_all = prompts.token_labels(model.tokenizer) if with_tokens else prompts.labels
     directions = task.direction(model.weights.W_U, prompts)
     names = needed_hooks(model)
+    budget = memory_budget_bytes(max_memory_gb, model.device)
+    width_all = int(prompts.lengths.max()) if n_prompts else 1
+    batch_size = max(1, min(batch_size, budget // max(1, cache_bytes(model, width_all))))
     bar = tqdm(total=n_prompts, desc="tracing prompts", disable=not progress)
     for start in range(0, n_prompts, batch_size):
         rows = list(range(start, min(n_prompts, start + batch_size)))
@@ -192,6 +207,7 @@ def trace_prompts(
                 seed_fraction=seed_fraction,
                 selection_dtype=dtype,
                 progress=progress,
+                memory_budget=budget,
             )
             results = {(pid, *key): value for key, value in res.results.items()}
             logger.debug("prompt %d: %d firings, skip=%s", pid, len(results), res.skip_reason)

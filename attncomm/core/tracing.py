@@ -48,7 +48,7 @@ from attncomm.core.contributions import (
 )
 from attncomm.core.decompose import LayerInputs, decompose_firings, layer_inputs, selection_mask
 from attncomm.core.omega import OmegaCache, QRFactors
-from attncomm.core.selection import select_seeds, select_upstream
+from attncomm.core.selection import greedy_mask_batch, select_seeds
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def firing_bytes(layer: int, n_heads: int, n_pos: int, d_head: int, rotary: bool
     selected terms with rotary, plus the decomposition's ``[n, d_head]`` tensors).
     """
     k = d_head if rotary else 1
-    out = 2 * 2 * layer * (n_heads + 3) * n_pos
+    out = 16 * layer * (n_heads + 3) * n_pos  # both sides, stacked, masked, sorted (values and indices)
     inner = 3 * layer * n_heads * n_pos * k
     dec = (8 if rotary else 1) * n_pos * d_head
     return itemsize * (out + inner + dec + 4 * d_head * d_head)
@@ -183,33 +183,40 @@ def _trace_chunk(
     n_f = max(k[2] for k in firing_keys) + 1
     contrib_d = upstream_contributions(proj_d, pt.writes, pt.scale[layer], layer, n_f)
     contrib_s = upstream_contributions(proj_s, pt.writes, pt.scale[layer], layer, n_f, prefix=prefix)
+    # per-firing results: one host transfer per chunk
+    host_d, host_s = contrib_d[:, :, : H + 2].cpu(), contrib_s[:, :, : H + 2].cpu()
     for i, key in enumerate(firing_keys):
-        _, h, d, s = key
-        cd = contrib_d[i, :, :, : d + 1]
-        cs = contrib_s[i, :, :, : d + 1]
+        d = key[2]
         results[key] = FiringResult(
-            dest_terms=terms_d[i].clone(),
-            src_terms=terms_s[i].clone(),
-            contrib_dest=cd[:, : H + 2].clone(),
-            contrib_src=cs[:, : H + 2].clone(),
+            dest_terms=terms_d[i].cpu(),
+            src_terms=terms_s[i].cpu(),
+            contrib_dest=host_d[i, :, :, : d + 1].clone(),
+            contrib_src=host_s[i, :, :, : d + 1].clone(),
         )
-        if d not in labels or s not in labels:
+    del host_d, host_s
+    # the 70% rule on every firing and side at once, over [l', component, t' <= d] (Embedding included)
+    both = torch.stack([contrib_d, contrib_s], dim=1)  # [F, 2, l, H+3, n]
+    del contrib_d, contrib_s
+    both = both * (torch.arange(n_f, device=device)[None, :] <= dests[:, None])[:, None, None, None, :]
+    flat = both.reshape(len(firing_keys) * 2, -1)
+    keep = greedy_mask_batch(flat, upstream_fraction, dtype=selection_dtype)
+    keep &= (flat.to(selection_dtype).sum(dim=1) > 0)[:, None]
+    keep = keep.reshape(both.shape)
+    idx = torch.nonzero(keep)  # rows (f, side, l', component, t') in the per-firing order
+    weights = both[keep]
+    for (f, side, lu, comp, t), weight in zip(idx.tolist(), weights.tolist(), strict=True):
+        _, h, d, s = firing_keys[f]
+        anchor = d if side == 0 else s
+        if d not in labels or s not in labels or t > anchor or anchor not in labels or t not in labels:
             continue
         down = (int(layer), int(h), labels[d], labels[s])
-        for kind, contrib, anchor in (("d", cd, d), ("s", cs, s)):
-            if not float(contrib.to(selection_dtype).sum()) > 0:
-                continue
-            kept = torch.nonzero(select_upstream(contrib, upstream_fraction, dtype=selection_dtype))
-            for lu, comp, t in kept.tolist():
-                if t > anchor or anchor not in labels or t not in labels:
-                    continue
-                up = (int(lu), component_label(comp, H), labels[anchor], labels[t])
-                _add_edge(graph, up, down, contrib[lu, comp, t].item(), kind)
-                if comp < H:
-                    up_key = (int(lu), int(comp), anchor, int(t))
-                    if up_key not in seen:
-                        seen.add(up_key)
-                        pending[int(lu)].append(up_key)
+        up = (int(lu), component_label(comp, H), labels[anchor], labels[t])
+        _add_edge(graph, up, down, weight, "ds"[side])
+        if comp < H:
+            up_key = (int(lu), int(comp), anchor, int(t))
+            if up_key not in seen:
+                seen.add(up_key)
+                pending[int(lu)].append(up_key)
 
 
 def trace_prompt(
@@ -293,6 +300,14 @@ def trace_prompt(
         prefix = None if rotary else pattern_prefix_sums(pt.writes, pt.scale[layer], layer, n_layer)
         per_firing = firing_bytes(layer, H, n_layer, cache.d_head, rotary, pt.x.element_size())
         chunk = max(1, int(memory_budget // per_firing)) if memory_budget else len(firing_keys)
+        logger.debug(
+            "layer %d: %d firings (n=%d) in chunks of %d (%.1f MiB per firing)",
+            layer,
+            len(firing_keys),
+            n_layer,
+            chunk,
+            per_firing / 2**20,
+        )
         for start in range(0, len(firing_keys), chunk):
             part = firing_keys[start : start + chunk]
             _trace_chunk(

@@ -1,0 +1,56 @@
+"""Memory budgets for chunked computations: ``trace.max_memory_gb`` or a safe fraction of what is free.
+
+:func:`memory_budget_bytes` turns the configured limit (GiB, ``None`` = automatic) into bytes. The
+automatic budget is :data:`AUTO_FRACTION` of the memory available now -- ``MemAvailable`` of
+``/proc/meminfo`` (``psutil`` elsewhere) for the CPU, ``torch.cuda.mem_get_info`` for a CUDA device --
+so a job on a shared machine leaves room for its neighbours and for the per-prompt tensors that are
+not chunked (the attention patterns).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from attncomm.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AUTO_FRACTION", "available_bytes", "memory_budget_bytes"]
+
+#: share of the available memory an automatic budget takes
+AUTO_FRACTION = 0.25
+#: the budget never goes below this (one firing at a time still works below it)
+MIN_BUDGET = 64 * 2**20
+
+
+def available_bytes(device: str | torch.device = "cpu") -> int:
+    """Memory available to a new allocation now on ``device`` (bytes)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free)
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def memory_budget_bytes(max_memory_gb: float | None, device: str | torch.device = "cpu") -> int:
+    """The budget in bytes: ``max_memory_gb`` GiB, or :data:`AUTO_FRACTION` of the available memory."""
+    if max_memory_gb is not None:
+        if not max_memory_gb > 0:
+            raise ConfigError(
+                f"trace.max_memory_gb={max_memory_gb}: must be a positive number of GiB "
+                "(or null for an automatic budget)"
+            )
+        return max(MIN_BUDGET, int(max_memory_gb * 2**30))
+    budget = max(MIN_BUDGET, int(AUTO_FRACTION * available_bytes(device)))
+    logger.debug("automatic memory budget: %.2f GiB", budget / 2**30)
+    return budget
