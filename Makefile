@@ -34,7 +34,7 @@ format: install
 	$(PY) -m ruff check --fix attncomm tests run.py
 
 bench: install
-	$(PY) -m attncomm.bench trace --prompts 8
+	$(PY) -m attncomm.bench all
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

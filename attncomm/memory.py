@@ -23,7 +23,7 @@ __all__ = ["AUTO_FRACTION", "available_bytes", "memory_budget_bytes"]
 #: share of the available memory an automatic budget takes
 AUTO_FRACTION = 0.25
 #: the budget never goes below this (one firing at a time still works below it)
-MIN_BUDGET = 64 * 2**20
+MIN_BUDGET = 2**20
 
 
 def available_bytes(device: str | torch.device = "cpu") -> int:
