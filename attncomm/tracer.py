@@ -100,13 +100,19 @@ def _prompt_tensors(
     omega: OmegaCache,
     dtype: torch.dtype,
 ) -> PromptTensors:
-    """Slice one prompt's tensors (positions ``0..end``) out of a batch cache, in ``dtype`` on the CPU."""
+    """One prompt's tensors (positions ``0..end``) out of a batch cache, in ``dtype`` on the model's device.
+
+    Nothing leaves the device: with ``device=cuda`` the decomposition and contributions run on the GPU
+    and only each chunk's per-firing results come back to the host. The attention patterns (one
+    ``T x T`` tensor per layer and head) are the only tensors quadratic in the prompt length.
+    """
     a, w = model.arch, model.weights
     n = end + 1
     L = a.n_layers
+    device = model.device
 
     def get(name: str) -> Tensor:
-        return cache[name][row].to("cpu", dtype)
+        return cache[name][row].to(device, dtype)
 
     x = torch.stack([get(model.ln1_normalized(layer))[:n] for layer in range(L)])
     scale = torch.stack([get(model.ln1_scale(layer))[:n, 0] for layer in range(L)])
@@ -115,15 +121,15 @@ def _prompt_tensors(
     if v.shape[2] != a.n_heads:
         v = v.repeat_interleave(a.n_heads // v.shape[2], dim=2)
     mlp = torch.stack([get(model.mlp_out(layer))[:n] for layer in range(L)])
-    gain = w.ln1_post_gain.to("cpu", dtype) if w.ln1_post_gain is not None else None
+    gain = w.ln1_post_gain.to(device, dtype) if w.ln1_post_gain is not None else None
     post_scale = None
     if a.post_attn_norm:
         post_scale = torch.stack([get(model.ln1_post_scale(layer))[:n, 0] for layer in range(L)])
-    bias = w.b_O.to("cpu", dtype)
+    bias = w.b_O.to(device, dtype)
     if gain is not None:
         bias = bias * gain
     writes = PromptWrites(
-        vo=head_value_writes(v, w.W_O.to("cpu", dtype), gain),
+        vo=head_value_writes(v, w.W_O.to(device, dtype), gain),
         pattern=pattern,
         mlp=mlp,
         bias=bias,
@@ -133,14 +139,14 @@ def _prompt_tensors(
     cos = sin = None
     if a.rotary:
         cos, sin = omega.tables(n)
-        cos, sin = cos.to(dtype), sin.to(dtype)
+        cos, sin = cos.to(device, dtype), sin.to(device, dtype)
     return PromptTensors(
         end=end,
         x=x,
         scale=scale,
         final_scale=get(model.ln_final_scale())[:n, 0],
         writes=writes,
-        direction=direction.to("cpu", dtype),
+        direction=direction.to(device, dtype),
         labels=labels,
         cos=cos,
         sin=sin,

@@ -210,5 +210,6 @@ def selection_mask(
     order, n_sel = select_terms_batch(c, dtype=dtype)
     rank_ok = torch.arange(c.shape[1], device=c.device)[None, :] < n_sel[:, None]
     mask = torch.zeros(c.shape, dtype=torch.bool, device=c.device).scatter_(1, order, rank_ok)
-    lists = [order[f, :n] for f, n in enumerate(n_sel.tolist())]  # one host transfer per batch
+    host = order.cpu()  # the index lists live on the host: one transfer per batch
+    lists = [host[f, :n] for f, n in enumerate(n_sel.tolist())]
     return mask, lists

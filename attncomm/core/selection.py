@@ -89,12 +89,12 @@ def greedy_mask(
     """
     flat = values.detach().to(dtype).reshape(-1)
     if flat.numel() == 0:
-        return torch.zeros(values.shape, dtype=torch.bool)
+        return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
     total = flat.sum()
     if not bool(total > 0):
-        return torch.zeros(values.shape, dtype=torch.bool)
+        return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
     sorted_v = torch.sort(flat, descending=True).values
-    thresh = torch.tensor(fraction, dtype=dtype) * total
+    thresh = torch.tensor(fraction, dtype=dtype, device=flat.device) * total
     above = torch.nonzero(torch.cumsum(sorted_v, dim=0) > thresh)
     if above.numel():
         cutoff = sorted_v[int(above[0, 0])]

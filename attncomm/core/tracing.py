@@ -121,11 +121,12 @@ def component_label(component: int, n_heads: int) -> int | str:
 def seed_contributions(pt: PromptTensors, n_layers: int) -> Float[Tensor, "layer component pos"]:
     """Every component's write at ``end`` over ``ln_final.hook_scale[end]``, dotted with the direction."""
     end = pt.end
+    device = pt.x.device
     proj = Projection(
         z=pt.direction[None, :].to(pt.x.dtype),
-        pos=torch.tensor([end]),
-        firing=torch.tensor([0]),
-        anchor=torch.tensor([end]),
+        pos=torch.tensor([end], device=device),
+        firing=torch.tensor([0], device=device),
+        anchor=torch.tensor([end], device=device),
         n_firings=1,
     )
     return upstream_contributions(proj, pt.writes, pt.final_scale, n_layers, pt.n_pos)[0]
@@ -188,8 +189,8 @@ def _trace_chunk(
     for i, key in enumerate(firing_keys):
         d = key[2]
         results[key] = FiringResult(
-            dest_terms=terms_d[i].cpu(),
-            src_terms=terms_s[i].cpu(),
+            dest_terms=terms_d[i],
+            src_terms=terms_s[i],
             contrib_dest=host_d[i, :, :, : d + 1].clone(),
             contrib_src=host_s[i, :, :, : d + 1].clone(),
         )
@@ -249,6 +250,7 @@ def trace_prompt(
 
         seed_mask = greedy_mask(seeds, seed_fraction, halve=True, dtype=selection_dtype)
     seed_idx = torch.nonzero(seed_mask).tolist()
+    seed_values = seeds[seed_mask].tolist()  # same (row-major) order as seed_idx
     if not any(c < H for _, c, _ in seed_idx):
         return TraceResult(graph=None, skip_reason="no_head_seed", seed_total=total)
 
@@ -257,10 +259,10 @@ def trace_prompt(
     root = (direction_name, labels[end]) if end in labels else (direction_name, str(end))
     seen: set[FiringKey] = set()
     pending: dict[int, list[FiringKey]] = defaultdict(list)
-    for layer, comp, t in seed_idx:
+    for (layer, comp, t), value in zip(seed_idx, seed_values, strict=True):
         if end in labels and t in labels:
             up = (int(layer), component_label(comp, H), labels[end], labels[t])
-            _add_edge(graph, up, root, seeds[layer, comp, t].item(), "d")
+            _add_edge(graph, up, root, value, "d")
         if comp < H:
             key = (int(layer), int(comp), end, int(t))
             if key not in seen:
