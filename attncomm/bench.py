@@ -25,6 +25,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -131,10 +132,36 @@ def bench_trace(
     }
 
 
+def _rss_guard(limit_gb: float, what: dict[str, Any]) -> None:
+    """Stop this process with an error JSON line once its RSS passes ``limit_gb`` (shared machines)."""
+
+    def watch() -> None:
+        while True:
+            if _rss_mb() > limit_gb * 1024:
+                line = {
+                    **what,
+                    "error": f"stopped: resident memory passed {limit_gb} GiB",
+                    "rss_mb": _rss_mb(),
+                }
+                sys.stdout.write(json.dumps(line) + "\n")
+                sys.stdout.flush()
+                os._exit(3)
+            time.sleep(0.2)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def bench_induction(
-    tokens: int, dtype: torch.dtype, seed: int = 0, max_tries: int = 8, max_memory_gb: float | None = None
+    tokens: int,
+    dtype: torch.dtype,
+    seed: int = 0,
+    max_tries: int = 8,
+    max_memory_gb: float | None = None,
+    max_rss_gb: float | None = None,
 ) -> dict[str, Any]:
     """Trace one induction prompt of ``tokens`` tokens (BOS + a sequence twice; n_ctx caps it)."""
+    if max_rss_gb is not None:
+        _rss_guard(max_rss_gb, {"bench": "induction", "tokens": tokens})
     model, load_s = _load(dtype)
     rss_after_load = _rss_mb()
     n_ctx = model.arch.n_ctx
@@ -186,6 +213,8 @@ def _subprocess_line(args: list[str], timeout: float) -> str:
     except subprocess.TimeoutExpired:
         return json.dumps({"bench": args[0], "args": args, "error": f"timed out after {timeout:.0f} s"})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if lines and (proc.returncode == 0 or '"error"' in lines[-1]):
+        return lines[-1]
     if proc.returncode != 0 or not lines:
         tail = proc.stderr.strip().splitlines()[-3:]
         return json.dumps(
@@ -205,9 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     ind = sub.add_parser("induction", help="trace one induction prompt of --tokens tokens")
     ind.add_argument("--tokens", type=int, default=256)
     ind.add_argument("--max-memory-gb", type=float, default=None)
+    ind.add_argument("--max-rss-gb", type=float, default=None, help="stop (error line) past this RSS")
     every = sub.add_parser("all", help="trace (IOI) and induction at 64/256/1024 tokens, a subprocess each")
     every.add_argument("--tokens", type=int, nargs="+", default=list(INDUCTION_TOKENS))
     every.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
+    every.add_argument("--max-rss-gb", type=float, default=None, help="stop a measurement past this RSS")
     for p in (trace, ind, every):
         p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
         p.add_argument("--seed", type=int, default=0)
@@ -223,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         common = ["--dtype", args.dtype, "--seed", str(args.seed), "--threads", str(args.threads)]
         sys.stdout.write(_subprocess_line(["trace", "--prompts", "8", *common], args.timeout) + "\n")
         sys.stdout.flush()
+        guard = [] if args.max_rss_gb is None else ["--max-rss-gb", str(args.max_rss_gb)]
         for tokens in args.tokens:
-            line = _subprocess_line(["induction", "--tokens", str(tokens), *common], args.timeout)
+            line = _subprocess_line(["induction", "--tokens", str(tokens), *common, *guard], args.timeout)
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
         return 0

@@ -1,10 +1,10 @@
 """Memory budgets for chunked computations: ``trace.max_memory_gb`` or a safe fraction of what is free.
 
 :func:`memory_budget_bytes` turns the configured limit (GiB, ``None`` = automatic) into bytes. The
-automatic budget is :data:`AUTO_FRACTION` of the memory available now -- ``MemAvailable`` of
-``/proc/meminfo`` (``psutil`` elsewhere) for the CPU, ``torch.cuda.mem_get_info`` for a CUDA device --
-so a job on a shared machine leaves room for its neighbours and for the per-prompt tensors that are
-not chunked (the attention patterns).
+automatic budget is :data:`AUTO_FRACTION` of the memory available now, at most :data:`AUTO_CAP` --
+``MemAvailable`` of ``/proc/meminfo`` (``psutil`` elsewhere) for the CPU, ``torch.cuda.mem_get_info``
+for a CUDA device -- so a job on a shared machine leaves room for its neighbours and for the
+per-prompt tensors that are not chunked (the attention patterns).
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from attncomm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AUTO_FRACTION", "available_bytes", "memory_budget_bytes"]
+__all__ = ["AUTO_CAP", "AUTO_FRACTION", "available_bytes", "memory_budget_bytes"]
 
-#: share of the available memory an automatic budget takes
+#: share of the available memory an automatic budget takes ...
 AUTO_FRACTION = 0.25
+#: ... but never more than this: larger chunks gain little speed and crowd a shared machine
+AUTO_CAP = 2**30
 #: the budget never goes below this (one firing at a time still works below it)
 MIN_BUDGET = 2**20
 
@@ -43,7 +45,7 @@ def available_bytes(device: str | torch.device = "cpu") -> int:
 
 
 def memory_budget_bytes(max_memory_gb: float | None, device: str | torch.device = "cpu") -> int:
-    """The budget in bytes: ``max_memory_gb`` GiB, or :data:`AUTO_FRACTION` of the available memory."""
+    """The budget in bytes: ``max_memory_gb`` GiB, or the automatic budget (see the module docstring)."""
     if max_memory_gb is not None:
         if not max_memory_gb > 0:
             raise ConfigError(
@@ -51,6 +53,6 @@ def memory_budget_bytes(max_memory_gb: float | None, device: str | torch.device 
                 "(or null for an automatic budget)"
             )
         return max(MIN_BUDGET, int(max_memory_gb * 2**30))
-    budget = max(MIN_BUDGET, int(AUTO_FRACTION * available_bytes(device)))
+    budget = max(MIN_BUDGET, min(AUTO_CAP, int(AUTO_FRACTION * available_bytes(device))))
     logger.debug("automatic memory budget: %.2f GiB", budget / 2**30)
     return budget

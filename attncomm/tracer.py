@@ -205,6 +205,8 @@ def trace_prompts(
                 continue
             end = int(sub.end[i])
             pt = _prompt_tensors(model, cache, i, end, directions[row], labels_all[row], omega, dtype)
+            if i == len(rows) - 1:
+                cache.clear()  # the batch's hooks are no longer needed: free them before tracing
             res = trace_prompt(
                 pt,
                 omega,
