@@ -14,7 +14,8 @@
    kept contributor adds an edge upstream -> downstream (weight, type ``"d"``/``"s"``) and a kept head is
    reached as ``(l', h', d, t')`` (dest) or ``(l', h', s, t')`` (source). MLP, AH bias and Embedding are
    leaves. Because a firing's upstream lies in strictly lower layers, all firings of a layer are known
-   once the layers above are done: they are decomposed in one batch per layer (top layer first); the
+   once the layers above are done: they are decomposed in batches per layer (top layer first; chunks
+   that fit ``memory_budget``, the 70% rule and the contributions computed for a whole chunk); the
    resulting graph is the same as the reference's depth-first recursion.
 3. **Labels** (4.4): ``labels[pos]`` (roles, or tokens with ``" (k)"`` suffixes). Exactly as the
    reference: a firing whose ``d`` or ``s`` has no label is still decomposed (its per-firing results
