@@ -269,7 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         result = bench_induction(
-            args.tokens, DTYPES[args.dtype], seed=args.seed, max_memory_gb=args.max_memory_gb
+            args.tokens,
+            DTYPES[args.dtype],
+            seed=args.seed,
+            max_memory_gb=args.max_memory_gb,
+            max_rss_gb=args.max_rss_gb,
         )
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
