@@ -100,7 +100,7 @@ class TraceConfig:
     seed_fraction: float = 1.0  # seeds: greedy at 100% with halving (section 4.1)
     upstream_fraction: float = 0.7  # recursion: greedy at 70% (section 4.3)
     merge: bool = True  # after the last shard, merge shard results
-    #: GiB for the chunked tracing intermediates; null: a quarter of the available memory, at most 1
+    #: GiB for the chunked tracing intermediates; null: a quarter of the available memory, at most 1 GiB
     max_memory_gb: float | None = None
 
 
