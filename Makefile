@@ -39,7 +39,7 @@ format: install
 	$(PY) -m ruff check --fix attncomm tests run.py
 
 bench: install
-	$(PY) -m attncomm.bench trace --prompts 8
+	$(PY) -m attncomm.bench all
 	$(PY) -m attncomm.bench act_patch --prompts 1
 	$(PY) -m attncomm.bench eap --prompts 64
 	$(PY) -m attncomm.bench evaluate --prompts 64

@@ -56,6 +56,7 @@ class LayerInputs:
     cos: Float[Tensor, "pos rotary_dim"] | None
     sin: Float[Tensor, "pos rotary_dim"] | None
     adjacent: bool = False
+    xQ_s_cum: Float[Tensor, "head_index pos d_head"] | None = None  # prefix sums of xQ_s over positions
 
 
 def layer_inputs(
@@ -98,6 +99,7 @@ def layer_inputs(
         cos=cos,
         sin=sin,
         adjacent=adjacent,
+        xQ_s_cum=torch.cumsum(xQ_s, dim=1),
     )
 
 
@@ -108,6 +110,7 @@ class FiringDecomposition:
     ``c_dest = xu_dest * g_dest``: ``g_dest[f, k] = u_k^T (Omega_d(d-s) x~_s - mean_j Omega_d(d-j) x~_j)``.
     ``c_src[f, k] = sum_j coef[f, j] t1[f, j, k] t2[f, j, k]`` with ``t1 = x~_d^T Omega_s(d-j) v_k``,
     ``t2 = v_k . x_j`` and ``coef`` = 1 at ``s``, ``-1/d`` at the other ``j <= d``, 0 past ``d``.
+    Without rotary ``t1`` does not depend on ``j`` and is stored once (``[firing, 1, term]``).
     """
 
     heads: Int[Tensor, " firing"]
@@ -118,18 +121,19 @@ class FiringDecomposition:
     c_dest: Float[Tensor, "firing term"]
     c_src: Float[Tensor, "firing term"]
     g_dest: Float[Tensor, "firing term"]
-    t1: Float[Tensor, "firing pos term"]
+    t1: Float[Tensor, "firing pos term"]  # pos = 1 for non-rotary models
     coef: Float[Tensor, "firing pos"]
 
 
 def _coefficients(dests: Tensor, srcs: Tensor, n_pos: int, dtype: torch.dtype) -> Tensor:
     """``coef[f, j]``: 1 at ``j = s``, ``-1/d`` at other ``j <= d``, 0 past ``d`` (all 0 when ``d = 0``)."""
-    j = torch.arange(n_pos)[None, :]
+    j = torch.arange(n_pos, device=dests.device)[None, :]
     d = dests[:, None]
-    inv_d = torch.where(d > 0, 1.0 / d.clamp(min=1).to(dtype), torch.zeros((), dtype=dtype))
-    coef = torch.where(j <= d, -inv_d, torch.zeros((), dtype=dtype))
+    zero = torch.zeros((), dtype=dtype, device=dests.device)
+    inv_d = torch.where(d > 0, 1.0 / d.clamp(min=1).to(dtype), zero)
+    coef = torch.where(j <= d, -inv_d, zero)
     is_s = (j == srcs[:, None]) & (d > 0)
-    return torch.where(is_s, torch.ones((), dtype=dtype), coef)
+    return torch.where(is_s, torch.ones((), dtype=dtype, device=dests.device), coef)
 
 
 def decompose_firings(
@@ -164,6 +168,7 @@ def decompose_firings(
 
     # ---- source side: p(j) = (qrot_d M_j^T . (V_c^T R_b)_k) * (x_j Q_b . V_c[:, k])
     q_d = inp.q_rot[heads, dests]  # [F, dh]
+    H_s = einops.einsum(inp.qr_s.R_b[heads], svd_s.V_c, "f i j, f i k -> f j k")  # R_b^T V_c: [F, dh, r]
     if inp.cos is not None and inp.sin is not None:
         q_j = apply_rotary(
             q_d[:, None, :].expand(-1, n_pos, -1),
@@ -172,13 +177,18 @@ def decompose_firings(
             adjacent=inp.adjacent,
             inverse=True,
         )  # [F, n, dh]
+        t1 = einops.einsum(q_j, H_s, "f n j, f j k -> f n k")
+        xQ = inp.xQ_s[heads, :n_pos] if inp.xQ_s.shape[1] >= n_pos else inp.xQ_s[heads]
+        t2 = einops.einsum(xQ, svd_s.V_c, "f n i, f i k -> f n k")
+        c_src = einops.einsum(coef, t1 * t2, "f n, f n k -> f k")
     else:
-        q_j = q_d[:, None, :].expand(-1, n_pos, -1)
-    H_s = einops.einsum(inp.qr_s.R_b[heads], svd_s.V_c, "f i j, f i k -> f j k")  # R_b^T V_c: [F, dh, r]
-    t1 = einops.einsum(q_j, H_s, "f n j, f j k -> f n k")
-    xQ = inp.xQ_s[heads, :n_pos] if inp.xQ_s.shape[1] >= n_pos else inp.xQ_s[heads]
-    t2 = einops.einsum(xQ, svd_s.V_c, "f n i, f i k -> f n k")
-    c_src = einops.einsum(coef, t1 * t2, "f n, f n k -> f k")
+        # t1 does not depend on j: c = t1 * (sum_j coef_j x_j Q_b) V_c, the sum from prefix sums in O(1)
+        t1 = einops.einsum(q_d, H_s, "f j, f j k -> f k")[:, None, :]  # [F, 1, r]
+        cum = inp.xQ_s_cum if inp.xQ_s_cum is not None else torch.cumsum(inp.xQ_s, dim=1)
+        x_s = inp.xQ_s[heads, srcs]
+        x_cum = cum[heads, dests]
+        x_rel = torch.where(d_f > 0, x_s - (x_cum - x_s) / d_f.clamp(min=1), torch.zeros_like(x_s))
+        c_src = t1[:, 0] * einops.einsum(x_rel, svd_s.V_c, "f i, f i k -> f k")
     return FiringDecomposition(
         heads=heads,
         dests=dests,
@@ -198,7 +208,8 @@ def selection_mask(
 ) -> tuple[Bool[Tensor, "firing term"], list[Int[Tensor, " selected"]]]:
     """Selected terms of each firing as a mask and as index lists in selection order (empty: not traced)."""
     order, n_sel = select_terms_batch(c, dtype=dtype)
-    rank_ok = torch.arange(c.shape[1])[None, :] < n_sel[:, None]
-    mask = torch.zeros(c.shape, dtype=torch.bool).scatter_(1, order, rank_ok)
-    lists = [order[f, : int(n_sel[f])] for f in range(c.shape[0])]
+    rank_ok = torch.arange(c.shape[1], device=c.device)[None, :] < n_sel[:, None]
+    mask = torch.zeros(c.shape, dtype=torch.bool, device=c.device).scatter_(1, order, rank_ok)
+    host = order.cpu()  # the index lists live on the host: one transfer per batch
+    lists = [host[f, :n] for f, n in enumerate(n_sel.tolist())]
     return mask, lists

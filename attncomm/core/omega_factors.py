@@ -136,7 +136,7 @@ def rotary_matrix(
     adjacent: bool = False,
 ) -> Float[Tensor, "... d_head d_head"]:
     """The matrix ``M`` with ``x M`` = the rotary map of row vector ``x`` (``R(delta)`` at ``delta``)."""
-    eye = torch.eye(d_head, dtype=cos.dtype)
+    eye = torch.eye(d_head, dtype=cos.dtype, device=cos.device)
     batch = cos.shape[:-1]
     eye = eye.expand(*batch, d_head, d_head)
     return apply_rotary(eye, cos[..., None, :], sin[..., None, :], adjacent=adjacent)
@@ -298,20 +298,28 @@ class OmegaCache:
         return qr.Q_a[head] @ svd.U_c[head], svd.S[head], qr.Q_b[head] @ svd.V_c[head]
 
     def compact(self, layer: int, heads: Tensor, deltas: Tensor, side: OmegaSide) -> OmegaSVD:
-        """Compact SVDs stacked per firing (one (head, delta) pair per entry) for batched decomposition."""
+        """Compact SVDs stacked per firing (one (head, delta) pair per entry) for batched decomposition.
+
+        The result is on ``heads``' device (the cache itself may live on the CPU).
+        """
+        device = heads.device
         if not self.rotary:
             svd = self.layer_svd(layer, side, 0)
-            return OmegaSVD(U_c=svd.U_c[heads], S=svd.S[heads], V_c=svd.V_c[heads])
+            h = heads.to(svd.U_c.device)
+            return OmegaSVD(U_c=svd.U_c[h].to(device), S=svd.S[h].to(device), V_c=svd.V_c[h].to(device))
         U, S, V = [], [], []
-        for delta in torch.unique(deltas).tolist():
+        uniq = torch.unique(deltas).cpu()
+        for delta in uniq.tolist():
             svd = self.layer_svd(layer, side, int(delta))
             U.append(svd.U_c)
             S.append(svd.S)
             V.append(svd.V_c)
-        uniq = torch.unique(deltas)
-        slot = torch.searchsorted(uniq, deltas)
         U_all, S_all, V_all = torch.stack(U), torch.stack(S), torch.stack(V)
-        return OmegaSVD(U_c=U_all[slot, heads], S=S_all[slot, heads], V_c=V_all[slot, heads])
+        slot = torch.searchsorted(uniq.to(U_all.device), deltas.to(U_all.device))
+        h = heads.to(U_all.device)
+        return OmegaSVD(
+            U_c=U_all[slot, h].to(device), S=S_all[slot, h].to(device), V_c=V_all[slot, h].to(device)
+        )
 
     def precompute(self, deltas: list[int] | None = None) -> None:
         """Compute the SVD of every head, both sides (and the given offsets for rotary models)."""

@@ -14,7 +14,8 @@
    kept contributor adds an edge upstream -> downstream (weight, type ``"d"``/``"s"``) and a kept head is
    reached as ``(l', h', d, t')`` (dest) or ``(l', h', s, t')`` (source). MLP, AH bias and Embedding are
    leaves. Because a firing's upstream lies in strictly lower layers, all firings of a layer are known
-   once the layers above are done: they are decomposed in one batch per layer (top layer first); the
+   once the layers above are done: they are decomposed in batches per layer (top layer first; chunks
+   that fit ``memory_budget``, the 70% rule and the contributions computed for a whole chunk); the
    resulting graph is the same as the reference's depth-first recursion.
 3. **Labels** (4.4): ``labels[pos]`` (roles, or tokens with ``" (k)"`` suffixes). Exactly as the
    reference: a firing whose ``d`` or ``s`` has no label is still decomposed (its per-firing results
@@ -39,10 +40,16 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from attncomm.core.contributions import Projection, PromptWrites, projection_vectors, upstream_contributions
-from attncomm.core.decompose import decompose_firings, layer_inputs, selection_mask
-from attncomm.core.omega_factors import OmegaCache
-from attncomm.core.selection import select_seeds, select_upstream
+from attncomm.core.contributions import (
+    Projection,
+    PromptWrites,
+    pattern_prefix_sums,
+    projection_vectors,
+    upstream_contributions,
+)
+from attncomm.core.decompose import LayerInputs, decompose_firings, layer_inputs, selection_mask
+from attncomm.core.omega_factors import OmegaCache, QRFactors
+from attncomm.core.selection import greedy_mask_batch, select_seeds
 
 logger = logging.getLogger(__name__)
 
@@ -115,11 +122,12 @@ def component_label(component: int, n_heads: int) -> int | str:
 def seed_contributions(pt: PromptTensors, n_layers: int) -> Float[Tensor, "layer component pos"]:
     """Every component's write at ``end`` over ``ln_final.hook_scale[end]``, dotted with the direction."""
     end = pt.end
+    device = pt.x.device
     proj = Projection(
         z=pt.direction[None, :].to(pt.x.dtype),
-        pos=torch.tensor([end]),
-        firing=torch.tensor([0]),
-        anchor=torch.tensor([end]),
+        pos=torch.tensor([end], device=device),
+        firing=torch.tensor([0], device=device),
+        anchor=torch.tensor([end], device=device),
         n_firings=1,
     )
     return upstream_contributions(proj, pt.writes, pt.final_scale, n_layers, pt.n_pos)[0]
@@ -127,6 +135,90 @@ def seed_contributions(pt: PromptTensors, n_layers: int) -> Float[Tensor, "layer
 
 def _add_edge(graph: nx.MultiDiGraph, up: NodeId, down: NodeId, weight: float, kind: str) -> None:
     graph.add_edge(up, down, weight=float(weight), type=kind)
+
+
+def firing_bytes(layer: int, n_heads: int, n_pos: int, d_head: int, rotary: bool, itemsize: int) -> int:
+    """Bytes one firing of ``layer`` needs while its contributions are computed (an upper estimate).
+
+    Both sides' output ``[layer, H+3, n]`` (and its stored copy), the head projections and attention
+    weights ``[layer, H, n, K]`` with their product (``K = 1`` without rotary; at most ``d_head``
+    selected terms with rotary, plus the decomposition's ``[n, d_head]`` tensors).
+    """
+    k = d_head if rotary else 1
+    out = 16 * layer * (n_heads + 3) * n_pos  # both sides, stacked, masked, sorted (values and indices)
+    inner = 3 * layer * n_heads * n_pos * k
+    dec = (8 if rotary else 1) * n_pos * d_head
+    return itemsize * (out + inner + dec + 4 * d_head * d_head)
+
+
+def _to(qr: QRFactors, like: Tensor) -> QRFactors:
+    """QR factors on ``like``'s device and dtype."""
+    return QRFactors(*(t.to(like) for t in (qr.Q_a, qr.R_a, qr.Q_b, qr.R_b)))
+
+
+def _trace_chunk(
+    pt: PromptTensors,
+    cache: OmegaCache,
+    inp: LayerInputs,
+    layer: int,
+    firing_keys: list[FiringKey],
+    prefix: Tensor | None,
+    results: dict[FiringKey, FiringResult],
+    graph: nx.MultiDiGraph,
+    seen: set[FiringKey],
+    pending: dict[int, list[FiringKey]],
+    *,
+    upstream_fraction: float,
+    selection_dtype: torch.dtype,
+) -> None:
+    """Decompose a chunk of one layer's firings, store their results, add their edges, queue upstream keys."""
+    H = cache.n_heads
+    labels = pt.labels
+    device = pt.x.device
+    kt = torch.tensor(firing_keys, dtype=torch.long).to(device)
+    heads, dests, srcs = kt[:, 1], kt[:, 2], kt[:, 3]
+    dec = decompose_firings(inp, cache, layer, heads, dests, srcs)
+    mask_d, terms_d = selection_mask(dec.c_dest, dtype=selection_dtype)
+    mask_s, terms_s = selection_mask(dec.c_src, dtype=selection_dtype)
+    proj_d, proj_s = projection_vectors(dec, inp, mask_d, mask_s)
+    del dec
+    n_f = max(k[2] for k in firing_keys) + 1
+    contrib_d = upstream_contributions(proj_d, pt.writes, pt.scale[layer], layer, n_f)
+    contrib_s = upstream_contributions(proj_s, pt.writes, pt.scale[layer], layer, n_f, prefix=prefix)
+    # per-firing results: one host transfer per chunk
+    host_d, host_s = contrib_d[:, :, : H + 2].cpu(), contrib_s[:, :, : H + 2].cpu()
+    for i, key in enumerate(firing_keys):
+        d = key[2]
+        results[key] = FiringResult(
+            dest_terms=terms_d[i],
+            src_terms=terms_s[i],
+            contrib_dest=host_d[i, :, :, : d + 1].clone(),
+            contrib_src=host_s[i, :, :, : d + 1].clone(),
+        )
+    del host_d, host_s
+    # the 70% rule on every firing and side at once, over [l', component, t' <= d] (Embedding included)
+    both = torch.stack([contrib_d, contrib_s], dim=1)  # [F, 2, l, H+3, n]
+    del contrib_d, contrib_s
+    both = both * (torch.arange(n_f, device=device)[None, :] <= dests[:, None])[:, None, None, None, :]
+    flat = both.reshape(len(firing_keys) * 2, -1)
+    keep = greedy_mask_batch(flat, upstream_fraction, dtype=selection_dtype)
+    keep &= (flat.to(selection_dtype).sum(dim=1) > 0)[:, None]
+    keep = keep.reshape(both.shape)
+    idx = torch.nonzero(keep)  # rows (f, side, l', component, t') in the per-firing order
+    weights = both[keep]
+    for (f, side, lu, comp, t), weight in zip(idx.tolist(), weights.tolist(), strict=True):
+        _, h, d, s = firing_keys[f]
+        anchor = d if side == 0 else s
+        if d not in labels or s not in labels or t > anchor or anchor not in labels or t not in labels:
+            continue
+        down = (int(layer), int(h), labels[d], labels[s])
+        up = (int(lu), component_label(comp, H), labels[anchor], labels[t])
+        _add_edge(graph, up, down, weight, "ds"[side])
+        if comp < H:
+            up_key = (int(lu), int(comp), anchor, int(t))
+            if up_key not in seen:
+                seen.add(up_key)
+                pending[int(lu)].append(up_key)
 
 
 def trace_prompt(
@@ -138,8 +230,14 @@ def trace_prompt(
     seed_fraction: float = 1.0,
     selection_dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    memory_budget: int | None = None,
 ) -> TraceResult:
-    """Trace one prompt: seeds, recursion over firings layer by layer, graph and per-firing results."""
+    """Trace one prompt: seeds, recursion over firings layer by layer, graph and per-firing results.
+
+    Each layer's firings are processed in chunks of at most ``memory_budget`` bytes of intermediate
+    tensors (:func:`firing_bytes`; ``None``: one chunk per layer), so the peak memory does not grow with
+    the number of firings in a layer.
+    """
     L, H = cache.n_layers, cache.n_heads
     labels = pt.labels
     seeds = seed_contributions(pt, L)  # [L, H+3, n]
@@ -153,6 +251,7 @@ def trace_prompt(
 
         seed_mask = greedy_mask(seeds, seed_fraction, halve=True, dtype=selection_dtype)
     seed_idx = torch.nonzero(seed_mask).tolist()
+    seed_values = seeds[seed_mask].tolist()  # same (row-major) order as seed_idx
     if not any(c < H for _, c, _ in seed_idx):
         return TraceResult(graph=None, skip_reason="no_head_seed", seed_total=total)
 
@@ -161,10 +260,10 @@ def trace_prompt(
     root = (direction_name, labels[end]) if end in labels else (direction_name, str(end))
     seen: set[FiringKey] = set()
     pending: dict[int, list[FiringKey]] = defaultdict(list)
-    for layer, comp, t in seed_idx:
+    for (layer, comp, t), value in zip(seed_idx, seed_values, strict=True):
         if end in labels and t in labels:
             up = (int(layer), component_label(comp, H), labels[end], labels[t])
-            _add_edge(graph, up, root, seeds[layer, comp, t].item(), "d")
+            _add_edge(graph, up, root, value, "d")
         if comp < H:
             key = (int(layer), int(comp), end, int(t))
             if key not in seen:
@@ -173,69 +272,63 @@ def trace_prompt(
 
     results: dict[FiringKey, FiringResult] = {}
     bar = tqdm(total=0, desc="firings", disable=None if progress else True, leave=False)
+    device = pt.x.device
     for layer in range(L - 1, -1, -1):
         keys = pending.pop(layer, [])
         if not keys or layer == 0:
             continue
-        pattern = pt.writes.pattern[layer]
-        firing_keys = [
-            k
-            for k in keys
-            if k[2] > 0 and k[3] <= k[2] and float(pattern[k[1], k[2], k[3]]) >= 1.0 / (k[2] + 1)
-        ]
+        # the firing condition of every reached key at once (one gather, one host transfer)
+        kt = torch.tensor(keys, dtype=torch.long).to(device)
+        attn = pt.writes.pattern[layer][kt[:, 1], kt[:, 2], kt[:, 3].clamp(max=pt.end)]
+        fires = (kt[:, 2] > 0) & (kt[:, 3] <= kt[:, 2]) & (attn.double() >= 1.0 / (kt[:, 2] + 1).double())
+        firing_keys = [k for k, ok in zip(keys, fires.tolist(), strict=True) if ok]
         if not firing_keys:
             continue
         bar.total += len(firing_keys)
-        heads = torch.tensor([k[1] for k in firing_keys])
-        dests = torch.tensor([k[2] for k in firing_keys])
-        srcs = torch.tensor([k[3] for k in firing_keys])
         inp = layer_inputs(
             pt.x[layer],
-            cache.W_Q[layer].to(pt.x.dtype),
-            cache.W_K[layer].to(pt.x.dtype),
-            None if cache.b_Q is None else cache.b_Q[layer].to(pt.x.dtype),
-            None if cache.b_K is None else cache.b_K[layer].to(pt.x.dtype),
-            cache.qr(layer, "d"),
-            cache.qr(layer, "s"),
+            cache.W_Q[layer].to(pt.x),
+            cache.W_K[layer].to(pt.x),
+            None if cache.b_Q is None else cache.b_Q[layer].to(pt.x),
+            None if cache.b_K is None else cache.b_K[layer].to(pt.x),
+            _to(cache.qr(layer, "d"), pt.x),
+            _to(cache.qr(layer, "s"), pt.x),
             pt.cos,
             pt.sin,
             adjacent=pt.adjacent_pairs,
         )
-        dec = decompose_firings(inp, cache, layer, heads, dests, srcs)
-        mask_d, terms_d = selection_mask(dec.c_dest, dtype=selection_dtype)
-        mask_s, terms_s = selection_mask(dec.c_src, dtype=selection_dtype)
-        proj_d, proj_s = projection_vectors(dec, inp, mask_d, mask_s)
-        n_f = int(dests.max()) + 1
-        contrib_d = upstream_contributions(proj_d, pt.writes, pt.scale[layer], layer, n_f)
-        contrib_s = upstream_contributions(proj_s, pt.writes, pt.scale[layer], layer, n_f)
-        for i, key in enumerate(firing_keys):
-            _, h, d, s = key
-            cd = contrib_d[i, :, :, : d + 1]
-            cs = contrib_s[i, :, :, : d + 1]
-            results[key] = FiringResult(
-                dest_terms=terms_d[i].clone(),
-                src_terms=terms_s[i].clone(),
-                contrib_dest=cd[:, : H + 2].clone(),
-                contrib_src=cs[:, : H + 2].clone(),
+        n_layer = max(k[2] for k in firing_keys) + 1
+        rotary = pt.cos is not None
+        # the source side of non-rotary models reads prefix sums of the pattern (once per layer)
+        prefix = None if rotary else pattern_prefix_sums(pt.writes, pt.scale[layer], layer, n_layer)
+        per_firing = firing_bytes(layer, H, n_layer, cache.d_head, rotary, pt.x.element_size())
+        chunk = max(1, int(memory_budget // per_firing)) if memory_budget else len(firing_keys)
+        logger.debug(
+            "layer %d: %d firings (n=%d) in chunks of %d (%.1f MiB per firing)",
+            layer,
+            len(firing_keys),
+            n_layer,
+            chunk,
+            per_firing / 2**20,
+        )
+        for start in range(0, len(firing_keys), chunk):
+            part = firing_keys[start : start + chunk]
+            _trace_chunk(
+                pt,
+                cache,
+                inp,
+                layer,
+                part,
+                prefix,
+                results,
+                graph,
+                seen,
+                pending,
+                upstream_fraction=upstream_fraction,
+                selection_dtype=selection_dtype,
             )
-            bar.update(1)
-            if d not in labels or s not in labels:
-                continue
-            down = (int(layer), int(h), labels[d], labels[s])
-            for kind, contrib, anchor in (("d", cd, d), ("s", cs, s)):
-                if not float(contrib.to(selection_dtype).sum()) > 0:
-                    continue
-                kept = torch.nonzero(select_upstream(contrib, upstream_fraction, dtype=selection_dtype))
-                for lu, comp, t in kept.tolist():
-                    if t > anchor or anchor not in labels or t not in labels:
-                        continue
-                    up = (int(lu), component_label(comp, H), labels[anchor], labels[t])
-                    _add_edge(graph, up, down, contrib[lu, comp, t].item(), kind)
-                    if comp < H:
-                        up_key = (int(lu), int(comp), anchor, int(t))
-                        if up_key not in seen:
-                            seen.add(up_key)
-                            pending[int(lu)].append(up_key)
+            bar.update(len(part))
+        del prefix, inp
     bar.close()
 
     return TraceResult(graph=graph, skip_reason=None, results=results, seed_total=total)

@@ -28,6 +28,7 @@ from torch import Tensor
 
 __all__ = [
     "greedy_mask",
+    "greedy_mask_batch",
     "select_seeds",
     "select_terms",
     "select_terms_batch",
@@ -88,12 +89,12 @@ def greedy_mask(
     """
     flat = values.detach().to(dtype).reshape(-1)
     if flat.numel() == 0:
-        return torch.zeros(values.shape, dtype=torch.bool)
+        return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
     total = flat.sum()
     if not bool(total > 0):
-        return torch.zeros(values.shape, dtype=torch.bool)
+        return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
     sorted_v = torch.sort(flat, descending=True).values
-    thresh = torch.tensor(fraction, dtype=dtype) * total
+    thresh = torch.tensor(fraction, dtype=dtype, device=flat.device) * total
     above = torch.nonzero(torch.cumsum(sorted_v, dim=0) > thresh)
     if above.numel():
         cutoff = sorted_v[int(above[0, 0])]
@@ -102,6 +103,28 @@ def greedy_mask(
     if halve and bool(cutoff > total / 2):
         cutoff = total / 2
     return (flat >= cutoff).reshape(values.shape)
+
+
+def greedy_mask_batch(
+    values: Float[Tensor, "row entry"], fraction: float, *, dtype: torch.dtype = torch.float32
+) -> Bool[Tensor, "row entry"]:
+    """:func:`greedy_mask` (no halving) applied to every row at once, on the rows' device.
+
+    Zero padding does not change a row's kept entries (zeros are never kept and add nothing).
+    """
+    v = values.detach().to(dtype)
+    if v.numel() == 0:
+        return torch.zeros(v.shape, dtype=torch.bool, device=v.device)
+    total = v.sum(dim=1)
+    sorted_v = torch.sort(v, dim=1, descending=True).values
+    thresh = torch.tensor(fraction, dtype=dtype, device=v.device) * total
+    above = torch.cumsum(sorted_v, dim=1) > thresh[:, None]
+    first = torch.argmax(above.to(torch.int8), dim=1)
+    cutoff = torch.gather(sorted_v, 1, first[:, None])[:, 0]
+    inf = torch.full((), float("inf"), dtype=dtype, device=v.device)
+    smallest_positive = torch.where(sorted_v > 0, sorted_v, inf).amin(dim=1)
+    cutoff = torch.where(above.any(dim=1), cutoff, smallest_positive)
+    return (v >= cutoff[:, None]) & (total > 0)[:, None]
 
 
 def select_seeds(values: Float[Tensor, "..."], *, dtype: torch.dtype = torch.float32) -> Bool[Tensor, "..."]:

@@ -37,6 +37,7 @@ from attncomm.core.omega_factors import OmegaCache
 from attncomm.core.prompt_graph import FiringResult, PromptTensors, trace_prompt
 from attncomm.core.signal_clusters import SIGNAL_COLUMNS, TOKEN_COLUMNS, is_punctuation, layer_source_signals
 from attncomm.models.adapter import ModelAdapter
+from attncomm.runtime.memory_budget import memory_budget_bytes
 from attncomm.tasks.base import Task, TaskPrompts
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ __all__ = [
     "CollectedSignals",
     "PromptTrace",
     "build_omega_cache",
+    "cache_bytes",
     "cached_batches",
     "collect_signals",
     "needed_hooks",
@@ -120,6 +122,13 @@ def cached_batches(
         yield (rows, sub, *model.run_with_cache(sub.tokens[:, :width], names))
 
 
+def cache_bytes(model: ModelAdapter, n_pos: int) -> int:
+    """Bytes of the hooks :func:`needed_hooks` caches for one prompt of ``n_pos`` tokens (model dtype)."""
+    a = model.arch
+    per_layer = a.n_heads * n_pos * n_pos + n_pos * (3 * a.d_model + a.n_kv_heads * a.d_head + 4)
+    return torch.empty((), dtype=model.dtype).element_size() * (a.n_layers * per_layer + n_pos * a.d_model)
+
+
 def _prompt_tensors(
     model: ModelAdapter,
     cache: dict[str, Tensor],
@@ -130,13 +139,19 @@ def _prompt_tensors(
     omega: OmegaCache,
     dtype: torch.dtype,
 ) -> PromptTensors:
-    """Slice one prompt's tensors (positions ``0..end``) out of a batch cache, in ``dtype`` on the CPU."""
+    """One prompt's tensors (positions ``0..end``) out of a batch cache, in ``dtype`` on the model's device.
+
+    Nothing leaves the device: with ``device=cuda`` the decomposition and contributions run on the GPU
+    and only each chunk's per-firing results come back to the host. The attention patterns (one
+    ``T x T`` tensor per layer and head) are the only tensors quadratic in the prompt length.
+    """
     a, w = model.arch, model.weights
     n = end + 1
     L = a.n_layers
+    device = model.device
 
     def get(name: str) -> Tensor:
-        return cache[name][row].to("cpu", dtype)
+        return cache[name][row].to(device, dtype)
 
     x = torch.stack([get(model.ln1_normalized(layer))[:n] for layer in range(L)])
     scale = torch.stack([get(model.ln1_scale(layer))[:n, 0] for layer in range(L)])
@@ -145,15 +160,15 @@ def _prompt_tensors(
     if v.shape[2] != a.n_heads:
         v = v.repeat_interleave(a.n_heads // v.shape[2], dim=2)
     mlp = torch.stack([get(model.mlp_out(layer))[:n] for layer in range(L)])
-    gain = w.ln1_post_gain.to("cpu", dtype) if w.ln1_post_gain is not None else None
+    gain = w.ln1_post_gain.to(device, dtype) if w.ln1_post_gain is not None else None
     post_scale = None
     if a.post_attn_norm:
         post_scale = torch.stack([get(model.ln1_post_scale(layer))[:n, 0] for layer in range(L)])
-    bias = w.b_O.to("cpu", dtype)
+    bias = w.b_O.to(device, dtype)
     if gain is not None:
         bias = bias * gain
     writes = PromptWrites(
-        vo=head_value_writes(v, w.W_O.to("cpu", dtype), gain),
+        vo=head_value_writes(v, w.W_O.to(device, dtype), gain),
         pattern=pattern,
         mlp=mlp,
         bias=bias,
@@ -163,14 +178,14 @@ def _prompt_tensors(
     cos = sin = None
     if a.rotary:
         cos, sin = omega.tables(n)
-        cos, sin = cos.to(dtype), sin.to(dtype)
+        cos, sin = cos.to(device, dtype), sin.to(device, dtype)
     return PromptTensors(
         end=end,
         x=x,
         scale=scale,
         final_scale=get(model.ln_final_scale())[:n, 0],
         writes=writes,
-        direction=direction.to("cpu", dtype),
+        direction=direction.to(device, dtype),
         labels=labels,
         cos=cos,
         sin=sin,
@@ -192,11 +207,15 @@ def trace_prompts(
     batch_size: int = 8,
     upstream_fraction: float = 0.7,
     seed_fraction: float = 1.0,
+    max_memory_gb: float | None = None,
 ) -> Iterator[PromptTrace]:
     """Trace every prompt (batched forward passes, only the needed hooks cached) and yield its result.
 
     ``prompt_ids[i]`` is the id of ``prompts``' row ``i`` (default ``0..N-1``). Selection arithmetic
     (term selection, greedy rules) runs in ``dtype`` (float32 by default, as the reference).
+    ``max_memory_gb`` bounds the chunked intermediates (``None``: a safe fraction of the available
+    memory, :func:`attncomm.runtime.memory_budget.memory_budget_bytes`): the forward batch shrinks so
+    that its cached hooks fit, and each layer's firings are traced in chunks that fit.
     """
     n_prompts = len(prompts)
     ids = list(range(n_prompts)) if prompt_ids is None else [int(i) for i in prompt_ids]
@@ -205,6 +224,9 @@ def trace_prompts(
     omega = omega_cache if omega_cache is not None else build_omega_cache(model, dtype)
     labels_all = prompts.token_labels(model.tokenizer) if with_tokens else prompts.labels
     directions = task.direction(model.weights.W_U, prompts)
+    budget = memory_budget_bytes(max_memory_gb, model.device)
+    width_all = int(prompts.lengths.max()) if n_prompts else 1
+    batch_size = max(1, min(batch_size, budget // max(1, cache_bytes(model, width_all))))
     bar = tqdm(total=n_prompts, desc="tracing prompts", disable=None if progress else True)
     for rows, sub, logits, cache in cached_batches(model, prompts, needed_hooks(model), batch_size):
         correct = task.is_correct(logits, sub).cpu()
@@ -217,6 +239,8 @@ def trace_prompts(
                 continue
             end = int(sub.end[i])
             pt = _prompt_tensors(model, cache, i, end, directions[row], labels_all[row], omega, dtype)
+            if i == len(rows) - 1:
+                cache.clear()  # the batch's hooks are no longer needed: free them before tracing
             res = trace_prompt(
                 pt,
                 omega,
@@ -225,6 +249,7 @@ def trace_prompts(
                 seed_fraction=seed_fraction,
                 selection_dtype=dtype,
                 progress=progress,
+                memory_budget=budget,
             )
             results = {(pid, *key): value for key, value in res.results.items()}
             logger.debug("prompt %d: %d firings, skip=%s", pid, len(results), res.skip_reason)

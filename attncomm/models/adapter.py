@@ -58,6 +58,7 @@ transformer_lens 4.3.0 and transformers 5.23.0 (the tests in ``tests/test_models
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -261,11 +262,23 @@ def load_model(
         ) from err
     if not isinstance(source, Path):  # downloaded by id: the family from the booted model's config
         cfg = replace(cfg, family=family_of_config(bridge.original_model.config.to_dict(), str(source)))
-    bridge.enable_compatibility_mode(disable_warnings=True)
+    with _weight_cache(cfg, source, root, dtype):
+        bridge.enable_compatibility_mode(disable_warnings=True)
     if dtype == torch.float64:
         _use_float64_norms(bridge)
     bridge.eval()
     return ModelAdapter(cfg=cfg, bridge=bridge, tokenizer=tokenizer, device=device, dtype=dtype)
+
+
+def _weight_cache(
+    cfg: ModelConfig, source: Path | str, root: Path, dtype: torch.dtype
+) -> contextlib.AbstractContextManager[Any]:
+    """The processed-weight cache (:mod:`attncomm.models.weight_cache`) when on and the weights are local."""
+    if not getattr(cfg, "weight_cache", True) or not isinstance(source, Path):
+        return contextlib.nullcontext()
+    from attncomm.models.weight_cache import processed_weights_cache
+
+    return processed_weights_cache(root, cfg.short_name, source, dtype)
 
 
 def _hf_attention(bridge: Any) -> Any:

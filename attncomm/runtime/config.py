@@ -51,6 +51,8 @@ class ModelConfig:
     revision: str | None = None
     #: published pruning n_min per task (section 7); tasks not listed use ``prune.n_min_default``
     n_min: dict[str, int] = field(default_factory=dict)
+    #: cache the processed weights in ``paths.cache_dir/weights`` (attncomm.models.weight_cache)
+    weight_cache: bool = True
 
 
 @dataclass
@@ -112,6 +114,8 @@ class TraceConfig:
     seed_fraction: float = 1.0  # seeds: greedy at 100% with halving (section 4.1)
     upstream_fraction: float = 0.7  # recursion: greedy at 70% (section 4.3)
     merge: bool = True  # after the last shard, merge shard results
+    #: GiB for the chunked tracing intermediates; null: a quarter of the available memory, at most 1 GiB
+    max_memory_gb: float | None = None
 
 
 @dataclass

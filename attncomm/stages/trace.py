@@ -120,6 +120,7 @@ def run_trace(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
             batch_size=max(1, cfg.task.batch_size),
             upstream_fraction=tc.upstream_fraction,
             seed_fraction=tc.seed_fraction,
+            max_memory_gb=tc.max_memory_gb,
         ):
             status = pt.skip_reason or "traced"
             graph_path = art.traced_graph(pt.prompt_id)

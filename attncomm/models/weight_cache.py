@@ -1,0 +1,253 @@
+"""Cache of processed model weights: skip TransformerLens's weight processing on every later load.
+
+Loading a model boots a ``TransformerBridge`` and runs ``enable_compatibility_mode()``, whose weight
+processing (``fold_ln``, ``center_writing_weights``, ``center_unembed``, ``fold_value_biases``) takes
+most of the load time (about 7 s of a 10 s load of a 124M-parameter GPT-2 on a CPU). That processing
+is a pure function of the checkpoint: TransformerLens 4.3 computes it in
+``ProcessWeights.process_weights(state_dict, cfg, ...)`` and hands the result to the bridge's
+components. :func:`processed_weights_cache` wraps exactly that call while the bridge is processed:
+
+* first load: the real function runs and its result is written to
+  ``{cache_dir}/weights/{model}-{key16}.safetensors`` (atomically);
+* later loads: the stored result is returned instead (read with ``safetensors``), so the bridge
+  receives the same tensors without recomputing them; everything else the bridge does is unchanged.
+
+The key (:func:`cache_key`) is the SHA-256 of the checkpoint's files (``config.json`` and the weight
+files; remembered per file by path, size, inode and modification time so that a warm load does not
+re-read gigabytes), the TransformerLens, transformers, torch and attncomm versions, the dtype and the
+processing options. Any change gives another file name, so a changed checkpoint, dtype or version is
+processed again. A cache file that cannot be read (truncated, garbage, wrong metadata or key, a
+different input state dict) is reported with one warning, deleted and rebuilt -- never used. The data
+bytes carry no checksum (hashing the file would cost as much as the load saves), so a bit flip inside
+a tensor that leaves the file structurally valid is not detected.
+
+Switch: ``model.weight_cache=false`` processes the weights every time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CACHE_FORMAT",
+    "cache_file",
+    "cache_key",
+    "checkpoint_files",
+    "checkpoint_hash",
+    "processed_weights_cache",
+    "versions",
+]
+
+#: bump when the file layout or the key changes
+CACHE_FORMAT = 1
+#: the processing attncomm asks of TransformerLens (models.load_model: enable_compatibility_mode())
+RECIPE = "fold_ln,center_writing_weights,center_unembed,fold_value_biases"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
+_HASH_MEMO = "checkpoint-hashes.json"
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages whose code produces the processed weights."""
+    out = {}
+    for pkg in ("transformer_lens", "transformers", "torch", "attncomm"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "unknown"
+    if out["attncomm"] == "unknown":
+        from attncomm import __version__
+
+        out["attncomm"] = __version__
+    return out
+
+
+def checkpoint_files(source: Path) -> list[Path]:
+    """The files that define a checkpoint directory's weights: ``config.json`` and the weight files."""
+    files = [
+        p
+        for p in sorted(Path(source).iterdir())
+        if p.is_file() and (p.name == "config.json" or p.name.endswith(_WEIGHT_SUFFIXES))
+    ]
+    if not any(p.name.endswith(_WEIGHT_SUFFIXES) for p in files):
+        raise FileNotFoundError(f"no weight files in {source}")
+    return files
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_hash(source: Path, memo_dir: Path | None = None) -> str:
+    """SHA-256 over the checkpoint's files (names and contents).
+
+    Each file's hash is remembered in ``memo_dir/checkpoint-hashes.json`` under its resolved path with its
+    size, inode and ``mtime_ns``; a file whose stat differs is hashed again.
+    """
+    memo_path = Path(memo_dir) / _HASH_MEMO if memo_dir is not None else None
+    memo: dict[str, Any] = {}
+    if memo_path is not None and memo_path.is_file():
+        try:
+            memo = json.loads(memo_path.read_text())
+        except (OSError, ValueError):
+            memo = {}
+    changed = False
+    total = hashlib.sha256()
+    for path in checkpoint_files(source):
+        real = path.resolve()
+        st = real.stat()
+        stamp = [st.st_size, st.st_ino, st.st_mtime_ns]
+        entry = memo.get(str(real))
+        if entry is None or entry.get("stat") != stamp:
+            entry = {"stat": stamp, "sha256": _file_sha256(real)}
+            memo[str(real)] = entry
+            changed = True
+        total.update(f"{path.name}\0{entry['sha256']}\n".encode())
+    if changed and memo_path is not None:
+        _atomic_write_text(memo_path, json.dumps(memo, indent=0, sort_keys=True))
+    return total.hexdigest()
+
+
+def cache_key(source: Path, dtype: torch.dtype, memo_dir: Path | None = None) -> dict[str, Any]:
+    """Everything the processed weights depend on (see the module docstring)."""
+    return {
+        "format": CACHE_FORMAT,
+        "checkpoint_sha256": checkpoint_hash(source, memo_dir),
+        "dtype": str(dtype).replace("torch.", ""),
+        "recipe": RECIPE,
+        **versions(),
+    }
+
+
+def _key_digest(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def cache_file(cache_dir: Path, short_name: str, key: dict[str, Any]) -> Path:
+    """``{cache_dir}/weights/{short_name}-{first 16 hex digits of the key's hash}.safetensors``."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in short_name)
+    return Path(cache_dir) / "weights" / f"{safe}-{_key_digest(key)[:16]}.safetensors"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _input_signature(state_dict: dict[str, Any]) -> str:
+    """Hash of the input state dict's names, shapes and dtypes (not values: those are keyed by content)."""
+    parts = [
+        f"{k}:{tuple(v.shape)}:{v.dtype}" if isinstance(v, torch.Tensor) else f"{k}:{type(v).__name__}"
+        for k, v in sorted(state_dict.items())
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Write ``tensors`` (copies: the originals may share storage) atomically."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        copies = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+        save_file(copies, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(path: Path, key: dict[str, Any], signature: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """Read a cache file; raise ``ValueError`` for anything that is not exactly what was written."""
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt", device=str(device)) as fh:
+        meta = fh.metadata() or {}
+        if meta.get("key") != json.dumps(key, sort_keys=True):
+            raise ValueError("its key does not match")
+        if meta.get("input_signature") != signature:
+            raise ValueError("it was written for a different input state dict")
+        names = list(fh.keys())
+        if sorted(names) != sorted(json.loads(meta.get("names", "[]"))):
+            raise ValueError("its tensor names do not match its metadata")
+        for name in names:
+            tensors[name] = fh.get_tensor(name)
+    return tensors
+
+
+@contextlib.contextmanager
+def processed_weights_cache(
+    cache_dir: Path, short_name: str, source: Path, dtype: torch.dtype
+) -> Iterator[dict[str, Any]]:
+    """Serve TransformerLens's ``ProcessWeights.process_weights`` from / into the cache while inside.
+
+    Yields a dict that reports what happened: ``{"path": Path, "hit": bool}`` (``hit`` is set once the
+    bridge has asked for its processed weights).
+    """
+    from transformer_lens.weight_processing import ProcessWeights
+
+    key = cache_key(source, dtype, Path(cache_dir) / "weights")
+    path = cache_file(cache_dir, short_name, key)
+    report: dict[str, Any] = {"path": path, "hit": None}
+    original: Callable[..., dict[str, torch.Tensor]] = ProcessWeights.process_weights
+    descriptor = ProcessWeights.__dict__["process_weights"]
+
+    def cached(state_dict: dict[str, torch.Tensor], cfg: Any, *args: Any, **kwargs: Any) -> Any:
+        signature = _input_signature(state_dict)
+        device = next(
+            (v.device for v in state_dict.values() if isinstance(v, torch.Tensor)), torch.device("cpu")
+        )
+        if path.is_file():
+            try:
+                out = _load(path, key, signature, device)
+                report["hit"] = True
+                logger.debug("processed weights of %s read from %s", short_name, path)
+                return out
+            except Exception as err:  # any unreadable file is rebuilt, never used
+                logger.warning("weight cache file %s is unusable (%s); rebuilding it", path, err)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        report["hit"] = False
+        out = original(state_dict, cfg, *args, **kwargs)
+        if all(isinstance(v, torch.Tensor) for v in out.values()):
+            meta = {
+                "key": json.dumps(key, sort_keys=True),
+                "input_signature": signature,
+                "names": json.dumps(sorted(out)),
+            }
+            try:
+                _save(path, out, meta)
+                logger.info("processed weights of %s cached in %s", short_name, path)
+            except (OSError, RuntimeError, ValueError) as err:
+                logger.warning("could not write the weight cache %s (%s); continuing without it", path, err)
+        else:
+            logger.warning("processed weights of %s hold non-tensor values; not cached", short_name)
+        return out
+
+    ProcessWeights.process_weights = staticmethod(cached)  # type: ignore[method-assign]
+    try:
+        yield report
+    finally:
+        ProcessWeights.process_weights = descriptor  # type: ignore[method-assign]
