@@ -135,13 +135,16 @@ def bench_trace(
 def _rss_guard(limit_gb: float, what: dict[str, Any]) -> None:
     """Stop this process with an error JSON line once its RSS passes ``limit_gb`` (shared machines)."""
 
+    start = time.perf_counter()
+
     def watch() -> None:
         while True:
             if _rss_mb() > limit_gb * 1024:
                 line = {
                     **what,
                     "error": f"stopped: resident memory passed {limit_gb} GiB",
-                    "rss_mb": _rss_mb(),
+                    "rss_mb": round(_rss_mb(), 1),
+                    "elapsed_s": round(time.perf_counter() - start, 1),
                 }
                 sys.stdout.write(json.dumps(line) + "\n")
                 sys.stdout.flush()
