@@ -5,8 +5,8 @@ python run.py model=gpt2-small task=ioi stage=trace task.n_prompts=8
 python run.py --cfg job model=gpt2-small task=ioi      # show the composed config
 python run.py -m launcher=slurm model=gpt2-small,pythia-160m task=ioi,gt,gp stage=pipeline
 
-A user-fixable failure prints one line ``error: ...`` and exits 2; ``HYDRA_FULL_ERROR=1`` shows
-its traceback too. Progress bars are drawn only on a terminal (not in logs).
+A user-fixable failure prints one line ``error: ...`` and exits 2; ``-v`` (or ``HYDRA_FULL_ERROR=1``)
+shows its traceback too. Progress bars are drawn only on a terminal (not in logs).
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ import logging
 import os
 import sys
 
+if "-v" in sys.argv[1:]:  # ours, not Hydra's: show tracebacks (Hydra's own full-error switch)
+    sys.argv.remove("-v")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
 if not sys.stderr.isatty():  # no line per progress update in log files (read when tqdm is imported)
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -113,10 +113,18 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path: Path, probe: str) -> N
     assert says in errors[0], errors[0]
 
 
-def test_hydra_full_error_shows_the_traceback(tmp_path: Path) -> None:
-    env = dict(os.environ, HYDRA_FULL_ERROR="1")
+@pytest.mark.cli
+@pytest.mark.parametrize("switch", ["env", "-v"])
+def test_verbose_shows_the_traceback(tmp_path: Path, switch: str) -> None:
+    """``HYDRA_FULL_ERROR=1`` or ``-v`` shows the traceback behind the one-line error."""
+    env = dict(os.environ)
+    env.pop("HYDRA_FULL_ERROR", None)
+    if switch == "env":
+        env["HYDRA_FULL_ERROR"] = "1"
     env.setdefault("ATTNCOMM_CACHE", str(tmp_path / "cache"))
     args = ["stage=prune", "prune.step=7", "logger.mode=disabled", f"paths.root={tmp_path / 'out'}"]
+    if switch == "-v":
+        args.insert(0, "-v")
     out = subprocess.run(
         [sys.executable, str(REPO_ROOT / "run.py"), *args],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
