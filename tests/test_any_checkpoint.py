@@ -11,8 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from attncomm.errors import ConfigError
 from attncomm.models.adapter import load_model
@@ -23,27 +21,18 @@ from attncomm.models.architectures import (
     resolve_model_config,
 )
 from attncomm.models.random_models import build_model_dir
-from attncomm.runtime.config import AppConfig, ModelConfig, register_configs
+from attncomm.runtime.config import ModelConfig
 from attncomm.runtime.registry import RunContext, get_stage
 from attncomm.stages.pipeline import run_pipeline
+from tests.conftest import compose_app
 from tests.models_fixtures import LLAMA_LIKE, test_cache_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONF = str(REPO_ROOT / "conf")
 ARCH = {
     "tiny-llama": "LlamaForCausalLM",
     "tiny-qwen2": "Qwen2ForCausalLM",
     "tiny-mistral": "MistralForCausalLM",
 }
-
-
-def compose_app(overrides: list[str]) -> AppConfig:
-    register_configs()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    app = OmegaConf.to_object(cfg)
-    assert isinstance(app, AppConfig)
-    return app
 
 
 def bert_dir(tmp_path: Path) -> Path:

@@ -15,23 +15,20 @@ from pathlib import Path
 import networkx as nx
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from transformers import GPT2TokenizerFast
 
 from attncomm.io.prompt_files import PromptFileError, read_prompt_file
 from attncomm.models.gpt2_tokenizer import gpt2_tokenizer
-from attncomm.runtime.config import AppConfig, register_configs
 from attncomm.runtime.registry import RunContext, get_stage
 from attncomm.stages.pipeline import run_pipeline
 from attncomm.tasks import get_task, task_run_name
 from attncomm.tasks.base import CorruptedPromptsError
 from attncomm.tasks.file_tasks import seed_task_path
 from attncomm.tasks.seed_data import generate
+from tests.conftest import compose_app
 from tests.fakes import RecordingTracker
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONF = str(REPO_ROOT / "conf")
 
 SYLLOGISM = {
     "prompt": "All birds are endothermic, not ectothermic. Dogs are birds. Therefore, dogs are",
@@ -280,15 +277,6 @@ def test_seed_tasks(tok) -> None:
 
 
 # --------------------------------------------------------------------------- pipeline on tiny models
-
-
-def compose_app(overrides: list[str]) -> AppConfig:
-    register_configs()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    app = OmegaConf.to_object(cfg)
-    assert isinstance(app, AppConfig)
-    return app
 
 
 @pytest.mark.slow

@@ -7,12 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from attncomm.runtime.config import AppConfig, register_configs
+from attncomm.runtime.config import AppConfig
 from attncomm.runtime.registry import RunContext, get_stage
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, compose_app
 from tests.fakes import RecordingTracker as _Recording
 
 STAGES = ["dla", "logit_lens", "act_patch", "path_patch", "attr_patch", "ablate", "heads", "qk_ov"]
@@ -24,11 +22,7 @@ class RecordingTracker(_Recording):
 
 
 def app(overrides: list[str]) -> AppConfig:
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
-    assert isinstance(cfg, AppConfig)
-    return cfg
+    return compose_app(overrides)
 
 
 def test_every_stage_writes_tables_figures_and_html(tmp_path: Path) -> None:

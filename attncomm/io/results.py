@@ -33,12 +33,12 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
+from attncomm.core.types import FiringKey, FiringRecord
 from attncomm.errors import AttncommError
 from attncomm.io.artifacts import RunArtifacts, atomic_path
 
 logger = logging.getLogger(__name__)
 
-FiringKey = tuple[int, int, int, int, int]  # (prompt, layer, head, dest, src)
 
 #: prompt status codes stored in the ``prompts`` table
 STATUSES: tuple[str, ...] = ("traced", "incorrect", "nonpositive_total", "no_head_seed")
@@ -59,16 +59,6 @@ _DIMS = {
     CONTRIB_DEST: "layer,component,src_pos",
     CONTRIB_SRC: "layer,component,src_pos",
 }
-
-
-@dataclass
-class FiringRecord:
-    """What tracing keeps of one firing for later stages (interventions, sparsity, control signals)."""
-
-    dest_terms: np.ndarray  # int64 [n_selected] (selection order)
-    src_terms: np.ndarray  # int64 [n_selected] (empty: side not traced)
-    contrib_dest: np.ndarray  # float [layer, H+2, d+1]
-    contrib_src: np.ndarray  # float [layer, H+2, d+1]
 
 
 @dataclass
