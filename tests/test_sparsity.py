@@ -139,7 +139,9 @@ def _cfg(tmp_path: Path, model_dir: Path | None = None, short: str = "toy", task
 def _model_dir(tmp_path: Path) -> Path:
     d = tmp_path / "model"
     d.mkdir(exist_ok=True)
-    (d / "config.json").write_text(json.dumps({"n_embd": 64, "n_head": H, "n_layer": 3}))
+    (d / "config.json").write_text(
+        json.dumps({"architectures": ["GPT2LMHeadModel"], "n_embd": 64, "n_head": H, "n_layer": 3})
+    )
     return d
 
 
@@ -238,7 +240,9 @@ def test_missing_tracing_results(tmp_path: Path) -> None:
 def test_results_of_another_model_are_refused(tmp_path: Path) -> None:
     model_dir = tmp_path / "small"
     model_dir.mkdir()
-    (model_dir / "config.json").write_text(json.dumps({"n_embd": 32, "n_head": 4, "n_layer": 3}))
+    (model_dir / "config.json").write_text(
+        json.dumps({"architectures": ["GPT2LMHeadModel"], "n_embd": 32, "n_head": 4, "n_layer": 3})
+    )
     cfg = _cfg(tmp_path, model_dir)
     ctx = RunContext.for_tests(cfg, tmp_path / "run")
     _write(ctx)
