@@ -47,7 +47,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from attncomm.core.decompose import FiringDecomposition, LayerInputs
+from attncomm.core.decompose import FiringDecomposition, LayerInputs, relative_coefficients
 
 __all__ = [
     "ALLOCATION_PROBES",
@@ -152,19 +152,6 @@ class TermProjection:
         if self.kind == "point":
             return (j == self.anchor[:, None]).to(dtype)[:, :, None].expand(F, n_pos, K)
         return relative_coefficients(self.dests, self.anchor, n_pos, dtype)[:, :, None].expand(F, n_pos, K)
-
-
-def relative_coefficients(
-    dests: Int[Tensor, " firing"], srcs: Int[Tensor, " firing"], n_pos: int, dtype: torch.dtype
-) -> Float[Tensor, "firing pos"]:
-    """``coef[f, j]``: 1 at ``j = s``, ``-1/d`` at other ``j <= d``, 0 past ``d`` (all 0 when ``d = 0``)."""
-    j = torch.arange(n_pos, device=dests.device)[None, :]
-    d = dests[:, None]
-    zero = torch.zeros((), dtype=dtype, device=dests.device)
-    inv_d = torch.where(d > 0, 1.0 / d.clamp(min=1).to(dtype), zero)
-    coef = torch.where(j <= d, -inv_d, zero)
-    is_s = (j == srcs[:, None]) & (d > 0)
-    return torch.where(is_s, torch.ones((), dtype=dtype, device=dests.device), coef)
 
 
 def _select_columns(

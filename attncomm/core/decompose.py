@@ -125,7 +125,9 @@ class FiringDecomposition:
     coef: Float[Tensor, "firing pos"]
 
 
-def _coefficients(dests: Tensor, srcs: Tensor, n_pos: int, dtype: torch.dtype) -> Tensor:
+def relative_coefficients(
+    dests: Int[Tensor, " firing"], srcs: Int[Tensor, " firing"], n_pos: int, dtype: torch.dtype
+) -> Float[Tensor, "firing pos"]:
     """``coef[f, j]``: 1 at ``j = s``, ``-1/d`` at other ``j <= d``, 0 past ``d`` (all 0 when ``d = 0``)."""
     j = torch.arange(n_pos, device=dests.device)[None, :]
     d = dests[:, None]
@@ -151,7 +153,7 @@ def decompose_firings(
     deltas = dests - srcs
     svd_d = cache.compact(layer, heads, deltas, "d")
     svd_s = cache.compact(layer, heads, deltas, "s")
-    coef = _coefficients(dests, srcs, n_pos, dtype)  # [F, n]
+    coef = relative_coefficients(dests, srcs, n_pos, dtype)  # [F, n]
 
     # ---- dest side: c = (x_d . u_k) * g_k with g_k = (U_c^T R_a M_d) . krel
     k_s = inp.k_rot[heads, srcs]  # [F, dh]
