@@ -42,6 +42,7 @@ def bert_dir(tmp_path: Path) -> Path:
     return d
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("builder", LLAMA_LIKE)
 def test_family_comes_from_config_json(builder: str) -> None:
     """A YAML that claims gpt2 (model=gpt2-small model.path=<a Llama dir>) reports the checkpoint's family."""
@@ -54,6 +55,7 @@ def test_family_comes_from_config_json(builder: str) -> None:
     assert info["family"] == family and info["architecture"] == ARCH[builder]
 
 
+@pytest.mark.slow
 def test_model_hf_derives_its_short_name_and_refuses_no_weights() -> None:
     path = build_model_dir("tiny-qwen2", test_cache_dir())
     app = compose_app(["model=hf", f"model.path={path}"])
@@ -73,6 +75,7 @@ def test_model_hf_derives_its_short_name_and_refuses_no_weights() -> None:
         assert (model.short_name, model.family, model.hf_name) == (name, family, hub)
 
 
+@pytest.mark.slow
 def test_unsupported_architecture_lists_the_families(tmp_path: Path) -> None:
     cfg = ModelConfig(name="hf", short_name="auto", family="auto", path=str(bert_dir(tmp_path)))
     with pytest.raises(UnsupportedArchitectureError) as err:
@@ -97,6 +100,7 @@ def test_cli_unsupported_architecture_exits_2(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("builder", LLAMA_LIKE)
 def test_describe_trace_interventions_on_a_local_checkpoint(tmp_path: Path, builder: str) -> None:
     path = build_model_dir(builder, test_cache_dir())

@@ -119,6 +119,7 @@ def test_methods_selection(pruned_gp_02: nx.MultiDiGraph) -> None:
         compare_with_literature(pruned_gp_02, "gpt2-small", "gp", data, methods=["Nope"])
 
 
+@pytest.mark.slow
 def test_figures(pruned_gp_02: nx.MultiDiGraph, published_gp_dir: Path, tmp_path: Path) -> None:
     data = load_circuits_data()
     df = pd.read_csv(published_gp_dir / "gpt2-small_gp_0.2.csv")

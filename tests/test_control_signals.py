@@ -294,6 +294,7 @@ def _strong_firings(ctx: RunContext, ids: list[int], min_attention: float, min_d
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("builder", ["tiny-gpt2", "tiny-pythia"])
 def test_control_signals_stage(builder: str, tmp_path: Path) -> None:
     cfg, ctx = _context(builder, tmp_path / "run")

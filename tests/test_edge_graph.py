@@ -283,6 +283,7 @@ def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("case", ["other_shape", "unknown_edges", "budget"])
 def test_cli_bad_input(tmp_path: Path, case: str) -> None:
     circuit = tmp_path / "circuit.json"

@@ -430,6 +430,7 @@ def test_stage_config_errors(tmp_path: Path) -> None:
         run_experiments_stage(cfg, ctx)
 
 
+@pytest.mark.slow
 def test_trace_unify_experiments(tmp_path: Path) -> None:
     from attncomm.stages.experiments import run_experiments_stage
     from attncomm.stages.trace import run_trace

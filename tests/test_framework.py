@@ -71,6 +71,7 @@ def test_artifact_names_are_the_published_ones(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.slow
 def test_run_dir_gets_a_suffix_only_for_non_default_method_parameters(tmp_path: Path) -> None:
     plain = run_dir_for(tmp_path, "gpt2-small", "ioi", 8, 0, {})
     assert plain == tmp_path / "gpt2-small" / "ioi" / "n8_seed0"
@@ -85,6 +86,7 @@ def test_run_dir_gets_a_suffix_only_for_non_default_method_parameters(tmp_path: 
     assert ctx.run_dir == a
 
 
+@pytest.mark.slow
 def test_prune_n_min_variants_never_overwrite_published_setting(tmp_path: Path) -> None:
     published = RunContext.from_config(
         compose_app([f"paths.root={tmp_path}", "model=gpt2-small", "task=ioi"])
@@ -139,6 +141,7 @@ def test_unknown_logger_mode_is_a_clear_error() -> None:
         Tracker(LoggerConfig(mode="sometimes"))
 
 
+@pytest.mark.slow
 def test_offline_tracker_round_trip(tmp_path: Path) -> None:
     tracker = Tracker(
         LoggerConfig(dir=str(tmp_path), group="grp"),
@@ -250,6 +253,7 @@ def test_cli_missing_weights_offline_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_offline_tracker_logs_figures(tmp_path: Path) -> None:
     from matplotlib.figure import Figure
 

@@ -98,6 +98,7 @@ def test_traced_graph_prompt() -> None:
         traced_graph_prompt("gpt2-small_gp_n100_combined_0.2.graphml")
 
 
+@pytest.mark.slow
 def test_every_published_graph_round_trips(published_gp_dir: Path, tmp_path: Path) -> None:
     for path in _published_graphs(published_gp_dir):
         G = read_graph(path)

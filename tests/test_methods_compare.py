@@ -92,6 +92,7 @@ def _acc_graph() -> nx.MultiDiGraph:
     return G
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_stages_on_toy_ioi(tmp_path: Path) -> None:
     from attncomm.stages.compare_methods import run_compare_methods

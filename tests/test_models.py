@@ -85,6 +85,7 @@ def test_bridge_logits_match_hf_model(builder: str) -> None:
     torch.testing.assert_close(ours.log_softmax(-1), theirs.log_softmax(-1), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_load_arbitrary_local_hf_dir(tmp_path: Path) -> None:
     torch.manual_seed(5)
     cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=50257)
@@ -101,6 +102,7 @@ def test_load_arbitrary_local_hf_dir(tmp_path: Path) -> None:
     assert logits.shape == (1, 3, 50257)
 
 
+@pytest.mark.slow
 def test_gpt2_offline_tokenizer_option(tmp_path: Path) -> None:
     cfg = ModelConfig(name="t", short_name="t", family="gpt2", builder="tiny-gpt2", tokenizer="gpt2-offline")
     adapter = load_model(cfg, cache_dir=test_cache_dir())

@@ -24,6 +24,7 @@ def gp_config(stages: list[str]) -> AppConfig:
     )
 
 
+@pytest.mark.slow
 def test_pipeline_runs_skips_and_reruns(published_gp_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(published_gp_dir / "traced_graphs", run_dir / "traced_graphs")

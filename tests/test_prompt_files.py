@@ -314,6 +314,7 @@ def test_pipeline_on_a_prompt_file(tmp_path: Path, tok, which: str) -> None:
     assert list(ctx.run_dir.glob(f"interventions_graph_{model}_{name}_n3_*.graphml"))
 
 
+@pytest.mark.slow
 def test_describe_reports_rows_and_logs_drops(tmp_path: Path, tok, caplog) -> None:
     app = compose_app(
         [

@@ -122,6 +122,7 @@ def test_model_path_with_other_weights_gets_its_own_run_directory(tmp_path: Path
     assert RunContext.from_config(other).run_dir != RunContext.from_config(first).run_dir
 
 
+@pytest.mark.slow
 def test_trace_refuses_parts_made_with_other_trace_settings(traced: Path, tmp_path: Path) -> None:
     """Item 2: with_tokens changed in an existing run directory is refused, then overwrite retraces."""
     run_dir = tmp_path / "run"
@@ -150,6 +151,7 @@ def test_trace_refuses_parts_of_another_checkpoint_with_the_same_name(traced: Pa
         run_trace(cfg, RunContext.for_tests(cfg, run_dir))
 
 
+@pytest.mark.slow
 def test_omega_cache_of_another_model_is_recomputed(tmp_path: Path) -> None:
     """Item 4: an Omega cache copied from other weights is not kept."""
     other = config(path_model(perturbed_copy(tmp_path)), n=2)

@@ -55,6 +55,7 @@ def test_norm_weight_sums_to_one(intervention_graph: nx.MultiDiGraph) -> None:
     assert all(math.isclose(s, 1.0, rel_tol=1e-12) for s in sums.values())
 
 
+@pytest.mark.slow
 def test_prune_intervention_graph_vs_published(
     intervention_graph: nx.MultiDiGraph, published_gp_dir: Path
 ) -> None:

@@ -160,6 +160,7 @@ def test_registered() -> None:
     assert not spec.needs_model and spec.consumes == ("tracing_results",)
 
 
+@pytest.mark.slow
 def test_sparsity_stage(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, _model_dir(tmp_path))
     ctx = RunContext.for_tests(cfg, tmp_path / "run")
@@ -250,6 +251,7 @@ def test_results_of_another_model_are_refused(tmp_path: Path) -> None:
         run_sparsity(cfg, ctx)
 
 
+@pytest.mark.slow
 def test_figure_across_models_and_tasks(tmp_path: Path) -> None:
     root = tmp_path / "outputs"
     for task in ("ioi", "gp"):

@@ -49,6 +49,7 @@ def test_missing_inputs_name_their_producers(tmp_path: Path) -> None:
         run_interventions(cfg, ctx)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     importlib.util.find_spec("attncomm.methods.acc_tracing") is None
     or importlib.util.find_spec("attncomm.stages.trace") is None,

@@ -17,6 +17,9 @@ from attncomm.runtime.registry import run_job
 from attncomm.runtime.tracking import OfflineRun, find_offline_runs, read_offline_run
 from tests.conftest import REPO_ROOT
 
+#: every test here runs whole stages with wandb logging
+pytestmark = pytest.mark.slow
+
 
 def app(overrides: list[str]) -> AppConfig:
     register_configs()
@@ -63,6 +66,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, OfflineRun]:
     return found
 
 
+@pytest.mark.slow
 def test_each_job_is_one_grouped_offline_run(runs: dict[str, OfflineRun]) -> None:
     assert set(runs) == {"pipeline", "experiments", "control_signals"}
     for run in runs.values():

@@ -54,6 +54,7 @@ def same_artifacts(a: Path, b: Path, cfg: AppConfig) -> None:
         np.testing.assert_array_equal(fa[key].contrib_src, fb[key].contrib_src)
 
 
+@pytest.mark.slow
 def test_trace_writes_published_artifacts_and_resumes(tmp_path: Path) -> None:
     cfg = config("tiny-pythia", 8)
     ctx = RunContext.for_tests(cfg, tmp_path / "run")
@@ -82,6 +83,7 @@ def test_trace_writes_published_artifacts_and_resumes(tmp_path: Path) -> None:
     assert again["firings_this_run"] == 0 and again["prompts_traced"] == summary["prompts_traced"]
 
 
+@pytest.mark.slow
 def test_shards_merged_equal_unsharded(tmp_path: Path) -> None:
     whole = config("tiny-pythia", 5)
     run_trace(whole, RunContext.for_tests(whole, tmp_path / "one"))
@@ -149,6 +151,7 @@ def test_trace_killed_with_sigkill_resumes_to_identical_artifacts(tmp_path: Path
     same_artifacts(tmp_path / "clean", tmp_path / "killed", cfg)
 
 
+@pytest.mark.slow
 def test_omega_stage_caches_and_reuses(tmp_path: Path) -> None:
     cfg = config("tiny-pythia", 3)
     ctx = RunContext.for_tests(cfg, tmp_path / "run")
@@ -173,6 +176,7 @@ def test_omega_stage_caches_and_reuses(tmp_path: Path) -> None:
     assert added == 5 * 2 * heads * ctx.model.arch.n_layers
 
 
+@pytest.mark.slow
 def test_omega_stage_non_rotary_has_one_offset(tmp_path: Path) -> None:
     cfg = config("tiny-gpt2", 2)
     ctx = RunContext.for_tests(cfg, tmp_path / "run")

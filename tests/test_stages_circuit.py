@@ -53,6 +53,7 @@ def test_resolve_n_min() -> None:
     assert resolve_n_min(_cfg(n_min=7)) == 7
 
 
+@pytest.mark.slow
 def test_unify_prune_compare_from_published(published_gp_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(published_gp_dir / "traced_graphs", run_dir / "traced_graphs")

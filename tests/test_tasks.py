@@ -220,6 +220,7 @@ def test_gt_valid_years(tok: GPT2TokenizerFast) -> None:
     assert gt_mod.valid_years(tok) == independent_valid_years(tok)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_gt_prompts_obey_every_rule(tok: GPT2TokenizerFast, seed: int) -> None:
     n = 200

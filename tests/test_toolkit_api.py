@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests.conftest import REPO_ROOT
@@ -19,6 +20,7 @@ def test_import_is_cheap() -> None:
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_session_on_toy_ioi() -> None:
     import attncomm
 

@@ -25,6 +25,7 @@ def app(overrides: list[str]) -> AppConfig:
     return compose_app(overrides)
 
 
+@pytest.mark.slow
 def test_every_stage_writes_tables_figures_and_html(tmp_path: Path) -> None:
     cfg = app(
         [
@@ -61,6 +62,7 @@ def test_every_stage_writes_tables_figures_and_html(tmp_path: Path) -> None:
     assert "attr_patch/correlation" in logged and "dla/heads_html" in logged
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

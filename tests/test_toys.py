@@ -122,6 +122,7 @@ def test_toy_is_accurate_on_heldout_prompts(toy: tuple[str, ModelAdapter]) -> No
         assert metric > 0
 
 
+@pytest.mark.slow
 def test_reference_circuit_recomputed_matches_shipped(toy: tuple[str, ModelAdapter]) -> None:
     name, model = toy
     shipped = load_reference(name)
@@ -161,6 +162,7 @@ def test_induction_scores_logged_in_training_match_the_adapter() -> None:
     assert min(last["prev_token_score"], last["induction_score"]) > 0.5
 
 
+@pytest.mark.slow
 def test_train_stage_writes_a_loadable_model_dir(tmp_path: Path) -> None:
     """A 3-step ``stage=train`` run writes a model directory that the adapter loads."""
     app = compose_app(["stage=train", "model=toy-induction", "train.steps=3", "train.batch_size=4"])

@@ -32,6 +32,7 @@ def test_threshold_floats() -> None:
     assert min_appearances(0.01, 100) == 1
 
 
+@pytest.mark.slow
 def test_unify_reproduces_published_combined_graphs(
     published_traced: dict[int, nx.MultiDiGraph], published_gp_dir: Path
 ) -> None:

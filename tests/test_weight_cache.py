@@ -57,6 +57,7 @@ def _state(model) -> dict[str, torch.Tensor]:
 TOKENS = torch.tensor([[50256, 464, 3290, 373, 257, 922, 1110, 13]])
 
 
+@pytest.mark.slow
 def test_warm_load_is_served_from_the_cache_and_identical(setup: dict) -> None:
     cold = _load(setup)
     assert len(setup["calls"]) == 1 and len(_files(setup)) == 1
@@ -74,6 +75,7 @@ def test_warm_load_is_served_from_the_cache_and_identical(setup: dict) -> None:
     assert all(torch.equal(cache_c[n], cache_w[n]) for n in names)
 
 
+@pytest.mark.slow
 def test_changed_checkpoint_is_processed_again(setup: dict) -> None:
     first = _load(setup)
     weights = setup["ckpt"] / "model.safetensors"
@@ -88,6 +90,7 @@ def test_changed_checkpoint_is_processed_again(setup: dict) -> None:
     assert len(setup["calls"]) == 2
 
 
+@pytest.mark.slow
 def test_dtype_and_versions_are_part_of_the_key(setup: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     _load(setup)
     model64 = _load(setup, torch.float64)
@@ -102,6 +105,7 @@ def test_dtype_and_versions_are_part_of_the_key(setup: dict, monkeypatch: pytest
         assert len(setup["calls"]) == before + 1, f"a new {pkg} version did not rebuild the cache"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "other-key"])
 def test_corrupt_cache_file_is_rebuilt_with_one_warning(
     setup: dict, damage: str, caplog: pytest.LogCaptureFixture
@@ -132,6 +136,7 @@ def test_corrupt_cache_file_is_rebuilt_with_one_warning(
     assert len(setup["calls"]) == 2 and not caplog.records
 
 
+@pytest.mark.slow
 def test_switch_off_processes_every_time(setup: dict) -> None:
     cfg = ModelConfig(**{**setup["cfg"].__dict__, "weight_cache": False})
     _load(setup, cfg=cfg)
