@@ -12,14 +12,14 @@ components. :func:`processed_weights_cache` wraps exactly that call while the br
 * later loads: the stored result is returned instead (read with ``safetensors``), so the bridge
   receives the same tensors without recomputing them; everything else the bridge does is unchanged.
 
-The key (:func:`cache_key`) is the SHA-256 of the checkpoint's files (``config.json`` and the weight
-files; remembered per file by path, size, inode and modification time so that a warm load does not
-re-read gigabytes), the TransformerLens, transformers, torch and attncomm versions, the dtype and the
-processing options. Any change gives another file name, so a changed checkpoint, dtype or version is
-processed again. A cache file that cannot be read (truncated, garbage, wrong metadata or key, a
-different input state dict) is reported with one warning, deleted and rebuilt -- never used. The data
-bytes carry no checksum (hashing the file would cost as much as the load saves), so a bit flip inside
-a tensor that leaves the file structurally valid is not detected.
+The key (:func:`cache_key`) is the checkpoint's content hash (the weight files, as the provenance keys
+hash them, remembered per file by path, size and modification time so that a warm load does not re-read
+gigabytes, and ``config.json``), the TransformerLens, transformers, torch and attncomm versions, the
+dtype and the processing options. Any change gives another file name, so a changed checkpoint, dtype or
+version is processed again. A cache file that cannot be read (truncated, garbage, wrong metadata or key,
+a different input state dict) is reported with one warning, deleted and rebuilt -- never used. The data
+bytes carry no checksum (hashing the file would cost as much as the load saves), so a bit flip inside a
+tensor that leaves the file structurally valid is not detected.
 
 Switch: ``model.weight_cache=false`` processes the weights every time.
 """
@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from attncomm.io.provenance import config_hash, weight_files, weights_hash
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -55,8 +57,6 @@ __all__ = [
 CACHE_FORMAT = 1
 #: the processing attncomm asks of TransformerLens (models.load_model: enable_compatibility_mode())
 RECIPE = "fold_ln,center_writing_weights,center_unembed,fold_value_biases"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
-_HASH_MEMO = "checkpoint-hashes.json"
 
 
 def versions() -> dict[str, str]:
@@ -76,52 +76,25 @@ def versions() -> dict[str, str]:
 
 def checkpoint_files(source: Path) -> list[Path]:
     """The files that define a checkpoint directory's weights: ``config.json`` and the weight files."""
-    files = [
-        p
-        for p in sorted(Path(source).iterdir())
-        if p.is_file() and (p.name == "config.json" or p.name.endswith(_WEIGHT_SUFFIXES))
-    ]
-    if not any(p.name.endswith(_WEIGHT_SUFFIXES) for p in files):
+    files = weight_files(source)
+    if not files:
         raise FileNotFoundError(f"no weight files in {source}")
-    return files
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
+    config = Path(source) / "config.json"
+    return [config, *files] if config.is_file() else files
 
 
 def checkpoint_hash(source: Path, memo_dir: Path | None = None) -> str:
-    """SHA-256 over the checkpoint's files (names and contents).
+    """SHA-256 over the checkpoint's weight files (names and contents) and its ``config.json``.
 
-    Each file's hash is remembered in ``memo_dir/checkpoint-hashes.json`` under its resolved path with its
-    size, inode and ``mtime_ns``; a file whose stat differs is hashed again.
+    The same content hash the provenance keys use (:func:`attncomm.io.provenance.weights_hash`, per-file
+    digests remembered in ``memo_dir`` by path, size and ``mtime_ns``), plus the architecture
+    (:func:`~attncomm.io.provenance.config_hash`) when the directory has a ``config.json``.
     """
-    memo_path = Path(memo_dir) / _HASH_MEMO if memo_dir is not None else None
-    memo: dict[str, Any] = {}
-    if memo_path is not None and memo_path.is_file():
-        try:
-            memo = json.loads(memo_path.read_text())
-        except (OSError, ValueError):
-            memo = {}
-    changed = False
-    total = hashlib.sha256()
-    for path in checkpoint_files(source):
-        real = path.resolve()
-        st = real.stat()
-        stamp = [st.st_size, st.st_ino, st.st_mtime_ns]
-        entry = memo.get(str(real))
-        if entry is None or entry.get("stat") != stamp:
-            entry = {"stat": stamp, "sha256": _file_sha256(real)}
-            memo[str(real)] = entry
-            changed = True
-        total.update(f"{path.name}\0{entry['sha256']}\n".encode())
-    if changed and memo_path is not None:
-        _atomic_write_text(memo_path, json.dumps(memo, indent=0, sort_keys=True))
-    return total.hexdigest()
+    files = checkpoint_files(source)
+    parts = [weights_hash(source, memo_dir)]
+    if files[0].name == "config.json":
+        parts.append(config_hash(source))
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
 def cache_key(source: Path, dtype: torch.dtype, memo_dir: Path | None = None) -> dict[str, Any]:
@@ -143,14 +116,6 @@ def cache_file(cache_dir: Path, short_name: str, key: dict[str, Any]) -> Path:
     """``{cache_dir}/weights/{short_name}-{first 16 hex digits of the key's hash}.safetensors``."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in short_name)
     return Path(cache_dir) / "weights" / f"{safe}-{_key_digest(key)[:16]}.safetensors"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def _input_signature(state_dict: dict[str, Any]) -> str:
