@@ -22,6 +22,15 @@ SHARED_DIR = REPO_ROOT.parent / "shared"
 CONF = str(REPO_ROOT / "conf")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test-fast`` runs one worker per core) each worker computes on one thread,
+    so that two workers do not oversubscribe the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def shared_path(*parts: str) -> Path:
     """Path under ../shared. Skips outside CI when ../shared is absent; fails in CI (CI has it)."""
     if not SHARED_DIR.is_dir():

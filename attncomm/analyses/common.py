@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from attncomm.errors import AttncommError
@@ -38,6 +38,28 @@ def metric_from_final(
     """The task metric of logits given only at each prompt's ``end`` position."""
     at_zero = dataclasses.replace(prompts, end=torch.zeros_like(prompts.end))
     return task.metric(final[:, None, :], at_zero)
+
+
+@torch.no_grad()
+def prompt_metrics(
+    model: ModelAdapter,
+    task: Task,
+    prompts: TaskPrompts,
+    batch_size: int = 100,
+    desc: str = "evaluate prompts",
+) -> tuple[Float[Tensor, " batch"], Bool[Tensor, " batch"]]:
+    """The task metric and correctness of every prompt (float64, on the CPU), in batches of ``batch_size``."""
+    from tqdm.auto import tqdm
+
+    n = len(prompts)
+    metrics, correct = [], []
+    for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False):
+        sub = prompts.subset(list(range(start, min(n, start + batch_size))))
+        logits, _ = model.run_with_cache(sub.tokens, [])
+        logits = logits.to(torch.float64).cpu()
+        metrics.append(task.metric(logits, sub))
+        correct.append(task.is_correct(logits, sub))
+    return torch.cat(metrics), torch.cat(correct)
 
 
 def unembed_bias_metric(model: ModelAdapter, task: Task, prompts: TaskPrompts) -> Float[Tensor, " batch"]:

@@ -11,29 +11,12 @@ import logging
 from typing import Any
 
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
+from attncomm.analyses.common import prompt_metrics
 from attncomm.runtime.config import AppConfig
 from attncomm.runtime.registry import RunContext, register_stage
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def evaluate_prompts(ctx: RunContext, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Task metric and correctness of every prompt, computed in batches of ``batch_size``."""
-    prompts, model, task = ctx.prompts, ctx.model, ctx.task
-    n = prompts.tokens.shape[0]
-    metrics, correct = [], []
-    for start in tqdm(range(0, n, batch_size), desc="evaluate prompts", unit="batch", leave=False):
-        idx = list(range(start, min(n, start + batch_size)))
-        sub = prompts.subset(idx)
-        logits, _ = model.run_with_cache(sub.tokens.to(ctx.device), [])
-        logits = logits.to(torch.float64)
-        metrics.append(task.metric(logits, sub).cpu())
-        correct.append(task.is_correct(logits, sub).cpu())
-    return torch.cat(metrics), torch.cat(correct)
 
 
 def example_roles(ctx: RunContext, index: int = 0) -> pd.DataFrame:
@@ -80,7 +63,7 @@ def run_describe(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     _ = ctx.task  # a task that cannot be built (e.g. a bad prompt file) fails before the model loads
     model = ctx.model
     arch = model.describe()
-    metric, correct = evaluate_prompts(ctx, max(1, cfg.task.batch_size))
+    metric, correct = prompt_metrics(ctx.model, ctx.task, ctx.prompts, max(1, cfg.task.batch_size))
     n = int(correct.numel())
     n_incorrect = int((~correct).sum())
     roles = example_roles(ctx)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from attncomm.analyses.common import prompt_metrics
 from attncomm.models.adapter import ModelAdapter, load_model
 from attncomm.runtime.config import ModelConfig, package_path
 from attncomm.tasks import get_task
@@ -88,14 +89,8 @@ def task_accuracy(
     model: ModelAdapter, task: Task, prompts: TaskPrompts, batch_size: int = 100
 ) -> tuple[float, float]:
     """Accuracy (``task.is_correct``) and mean metric of ``model`` on ``prompts``."""
-    correct, metric = [], []
-    for start in _batches(len(prompts), batch_size, "evaluate"):
-        sub = prompts.subset(list(range(start, min(len(prompts), start + batch_size))))
-        logits, _ = model.run_with_cache(sub.tokens, [])
-        logits = logits.to(torch.float64).cpu()
-        correct.append(task.is_correct(logits, sub))
-        metric.append(task.metric(logits, sub))
-    return float(torch.cat(correct).float().mean()), float(torch.cat(metric).mean())
+    metric, correct = prompt_metrics(model, task, prompts, batch_size, desc="evaluate")
+    return float(correct.float().mean()), float(metric.mean())
 
 
 # ---- toy-induction ------------------------------------------------------------------------------
