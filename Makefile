@@ -25,10 +25,11 @@ test: install
 	$(PY) -m ruff check attncomm tests run.py
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# the unit and exactness tiers: no subprocess CLI runs, browser, SLURM or minute-long end-to-end tests
+# the unit and exactness tiers: no subprocess CLI runs, browser, SLURM or minute-long end-to-end tests;
+# one pytest-xdist worker per core (each computes on one thread)
 test-fast: install
 	$(PY) -m ruff check attncomm tests run.py
-	$(PY) -m pytest -m "not slow and not cli and not browser and not slurm" $(PYTEST_ARGS)
+	$(PY) -m pytest -n auto -m "not slow and not cli and not browser and not slurm" $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check attncomm tests run.py
