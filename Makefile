@@ -21,9 +21,10 @@ install: $(STAMP)
 run: install
 	$(PY) run.py $(ARGS)
 
+# one pytest-xdist worker per core; the SLURM tests share one worker, as do the browser tests
 test: install
 	$(PY) -m ruff check attncomm tests run.py
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n auto --dist loadgroup $(PYTEST_ARGS)
 
 # the unit and exactness tiers: no subprocess CLI runs, browser, SLURM or minute-long end-to-end tests;
 # one pytest-xdist worker per core (each computes on one thread)

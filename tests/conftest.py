@@ -31,6 +31,15 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist with ``--dist loadgroup``, all SLURM tests run on one worker (they share one
+    cluster), and so do the browser tests."""
+    for item in items:
+        for name in ("slurm", "browser"):
+            if item.get_closest_marker(name):
+                item.add_marker(pytest.mark.xdist_group(name))
+
+
 def shared_path(*parts: str) -> Path:
     """Path under ../shared. Skips outside CI when ../shared is absent; fails in CI (CI has it)."""
     if not SHARED_DIR.is_dir():
