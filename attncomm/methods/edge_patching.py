@@ -4,19 +4,27 @@ evaluation, all on the :mod:`attncomm.core.edge_graph` graph.
 How the edge graph maps onto the model's hooks (TransformerLens 4.3 bridge, split q/k/v inputs and
 ``hook_mlp_in`` turned on):
 
-- outputs: ``input`` = ``blocks.0.hook_resid_pre`` (token + position embeddings); head ``a{l}.h{h}`` =
-  ``hook_z[..., h, :] @ W_O[l, h]`` (its write into the residual; the shared ``b_O`` is a constant that no
-  edge carries); ``m{l}`` = ``blocks.{l}.hook_mlp_out``.
+- outputs: ``input`` = ``blocks.0.hook_resid_pre`` (token + position embeddings; Gemma-2's are scaled by
+  ``sqrt(d_model)``); head ``a{l}.h{h}`` = ``hook_z[..., h, :] @ W_O[l, h]`` (its write into the residual;
+  the shared ``b_O`` is a constant that no edge carries); ``m{l}`` = ``blocks.{l}.hook_mlp_out``.
 - input slots: ``a{l}.h{h}<q|k|v>`` = ``blocks.{l}.hook_{q|k|v}_input[..., h, :]`` (the residual before
   ``ln1``, one copy per head); ``m{l}`` = ``blocks.{l}.hook_mlp_in`` (before ``ln2``); ``logits`` =
   ``ln_final.hook_in``.
 
-A slot's value is the sum of its parents' outputs plus constants (biases), so patching an edge
-``u -> v`` means adding ``(ablated_u - current_u)`` to ``v``'s slot, where ``current_u`` is ``u``'s output in
-the same (patched) run and ``ablated_u`` its output under the ablation (the corrupted run, the mean over
-the task's prompts, or zero). This is EAP-IG's ``evaluate_graph``. Models whose heads do not write
-additively into the residual (Gemma-2's post-attention norm) or whose key/value heads are shared
-(grouped-query attention) are refused with a clear message: their slots cannot be split per edge here.
+Grouped-query models (Llama, Qwen2, Mistral, Gemma-2) get slots per *query* head: inside
+:func:`edge_hooks_enabled` the model runs with its key/value projections repeated per query head
+(:func:`attncomm.models.kv_heads.per_query_head_kv`, the same outputs), so ``hook_k_input[..., h, :]`` is
+query head ``h``'s own key input and patching ``u -> a{l}.h{h}<k>`` leaves its group-mates' keys alone
+(as EAP-IG does with TransformerLens's ``ungroup_grouped_query_attention``).
+
+Gemma-2 normalises the summed attention output (``ln1_post``) and the MLP output (``ln2_post``) before
+they enter the residual. The MLP's output is then simply ``hook_mlp_out`` (after ``ln2_post``); a head's
+output is its share of ``hook_attn_out`` (after ``ln1_post``) in that same run:
+``(hook_z[..., h, :] @ W_O[l, h] + b_O / n_heads) * gain / ln1_post.hook_scale``, which sum over the
+heads to ``hook_attn_out`` exactly. So the residual is still the sum of the node outputs, and the
+patching rule below holds (the head's output is measured after the post-norm of the run it is in, so a
+patched run re-normalises). The attention-logit and final-logit softcaps and the scaled embeddings are
+inside the model's forward pass and need nothing here.
 
 Scores use the sign "clean minus corrupted": ``eap`` is ``sum_pos (out_u(clean) - out_u(corrupted)) .
 d metric / d slot_v`` averaged over prompts, the first-order estimate of ``metric(clean) - metric(clean
@@ -40,6 +48,7 @@ from tqdm.auto import tqdm
 
 from attncomm.core.edge_graph import EdgeGraph, GraphShape
 from attncomm.errors import AttncommError
+from attncomm.models.kv_heads import per_query_head_kv
 
 logger = logging.getLogger(__name__)
 
@@ -66,18 +75,10 @@ def graph_shape(model: Any) -> GraphShape:
 def check_supported(model: Any) -> None:
     """Refuse models whose heads' writes or key/value inputs cannot be patched per edge."""
     a = model.arch
-    name = model.cfg.name
-    if a.post_attn_norm:
+    if a.n_heads % a.n_kv_heads:
         raise UnsupportedModelError(
-            f"model {name!r} normalises the attention output after summing the heads (post-attention "
-            "norm, as Gemma-2), so a head's write into the residual is not additive; edge-level methods "
-            "(eap, eap-ig, exact, evaluate) support GPT-2 and GPT-NeoX/Pythia-style models"
-        )
-    if a.n_kv_heads != a.n_heads:
-        raise UnsupportedModelError(
-            f"model {name!r} shares key/value heads between query heads (grouped-query attention, "
-            f"{a.n_heads} query / {a.n_kv_heads} kv heads); per-query-head <k>/<v> slots are not split "
-            "yet, so edge-level methods support GPT-2 and GPT-NeoX/Pythia-style models only"
+            f"model {model.cfg.name!r} has {a.n_heads} query heads and {a.n_kv_heads} key/value heads, not a "
+            "multiple; edge-level methods need each key/value head shared by a whole group of query heads"
         )
 
 
@@ -93,7 +94,8 @@ def check_pair(clean: Tensor, corrupted: Tensor) -> None:
 
 @contextlib.contextmanager
 def edge_hooks_enabled(model: Any) -> Iterator[None]:
-    """Turn on split q/k/v inputs and ``hook_mlp_in`` and freeze the parameters for the block."""
+    """Turn on split q/k/v inputs and ``hook_mlp_in``, give every query head its own key/value input
+    (grouped-query models) and freeze the parameters for the block."""
     check_supported(model)
     model.set_split_qkv_input(True)
     model.bridge.set_use_hook_mlp_in(True)
@@ -101,7 +103,8 @@ def edge_hooks_enabled(model: Any) -> Iterator[None]:
     for p in params:
         p.requires_grad_(False)
     try:
-        yield
+        with per_query_head_kv(model.bridge, model.arch.n_heads, model.arch.n_kv_heads):
+            yield
     finally:
         for p in params:
             p.requires_grad_(True)
@@ -146,8 +149,12 @@ def _into(buf: Tensor) -> WriteFn:
 
 
 def _output_hooks(model: Any, lay: _Layout, write: WriteFn) -> list[tuple[str, Callable[..., Any]]]:
-    """Forward hooks that hand every node's output of this run to ``write`` (in forward order)."""
+    """Forward hooks that hand every node's output of this run to ``write`` (in forward order).
+
+    With a post-attention norm (Gemma-2) the heads' outputs are written at ``ln1_post.hook_scale``, when
+    the run's normalisation scale is known: ``(z_h W_O[h] + b_O / n_heads) * gain / scale``."""
     W_O = model.weights.W_O
+    post = bool(model.arch.post_attn_norm)
     hooks: list[tuple[str, Callable[..., Any]]] = []
 
     def on_input(t: Tensor, hook: Any) -> None:
@@ -163,7 +170,30 @@ def _output_hooks(model: Any, lay: _Layout, write: WriteFn) -> list[tuple[str, C
             m = lay.mlp(layer)
             write(slice(m, m + 1), t.detach()[None])
 
-        hooks.append((f"blocks.{layer}.attn.hook_z", on_z))
+        if post:
+            z_of: dict[int, Tensor] = {}
+            gain = model.weights.ln1_post_gain[layer]
+            b_O = model.weights.b_O[layer]
+
+            def keep_z(t: Tensor, hook: Any, layer: int = layer, z_of: dict[int, Tensor] = z_of) -> None:
+                z_of[layer] = t.detach()
+
+            def on_scale(
+                s: Tensor,
+                hook: Any,
+                layer: int = layer,
+                z_of: dict[int, Tensor] = z_of,
+                gain: Tensor = gain,
+                b_O: Tensor = b_O,
+            ) -> None:
+                z = z_of.pop(layer)
+                heads = torch.einsum("bphe,hed->hbpd", z, W_O[layer].to(z.dtype)) + (b_O / lay.H).to(z.dtype)
+                write(lay.heads(layer), heads * (gain.to(z.dtype) / s.detach().to(z.dtype))[None])
+
+            hooks.append((f"blocks.{layer}.attn.hook_z", keep_z))
+            hooks.append((f"blocks.{layer}.ln1_post.hook_scale", on_scale))
+        else:
+            hooks.append((f"blocks.{layer}.attn.hook_z", on_z))
         hooks.append((f"blocks.{layer}.hook_mlp_out", on_mlp))
     return hooks
 
