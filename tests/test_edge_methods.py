@@ -328,3 +328,34 @@ def test_patched_runs_against_hand_hooks() -> None:
             )
     assert abs(float(got[0]) - float(last_pos_metric(a, idx).mean())) < 1e-9
     assert abs(float(got[1]) - float(last_pos_metric(b, idx).mean())) < 1e-9
+
+
+@pytest.mark.parametrize("ablation_kind", ["patching", "mean"])
+def test_answer_positions_only_same_values(ablation_kind: str) -> None:
+    """Evaluating with ``positions`` (the unembedding at the answer position only, prompts sorted by it and
+    later positions not run) gives the values of the full run, for circuits and for exact scores."""
+    model = load_toy_ioi()
+    prompts = ioi_prompts(model, 7)
+    assert len(set(prompts.end.tolist())) > 1  # prompts of different lengths: batches are trimmed
+    corrupted = hand_corrupted(prompts)
+    metric = task_metric(prompts)
+    graph = EdgeGraph(graph_shape(model))
+    ablation = make_ablation(
+        ablation_kind, model, graph, prompts.tokens, prompts.lengths, corrupted=corrupted, batch_size=3
+    )
+    g = torch.Generator().manual_seed(0)
+    circuits = [graph.full(), graph.empty()] + [
+        graph.real & (torch.rand(graph.real.shape, generator=g) < f) for f in (0.3, 0.6, 0.9)
+    ]
+    args = (model, graph, prompts.tokens, ablation, circuits, metric, 3)
+    full = evaluate_circuits(*args, copies=2)
+    only_end = evaluate_circuits(*args, copies=2, positions=prompts.end)
+    torch.testing.assert_close(only_end, full, rtol=0, atol=1e-12)
+    assert len(set(full.tolist())) == len(circuits)  # the circuits differ
+    pairs = [graph.edge_index(e) for e in ["input->a0.h1<k>", "a1.h2->a2.h0<q>", "a2.h3->logits"]]
+    exact = exact_scores(model, graph, prompts.tokens, ablation, metric, 3, edges=pairs)
+    exact_end = exact_scores(
+        model, graph, prompts.tokens, ablation, metric, 3, edges=pairs, positions=prompts.end
+    )
+    for i, j in pairs:
+        assert abs(float(exact[i, j]) - float(exact_end[i, j])) < 1e-12

@@ -287,6 +287,25 @@ def _batches(n: int, batch_size: int) -> list[Tensor]:
     return [torch.arange(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
 
 
+def _runs(
+    n: int, batch_size: int, positions: Tensor | None
+) -> list[tuple[Tensor, int | None, Tensor | None]]:
+    """``(prompt indices, positions kept, their read positions)`` of each batch of a patched evaluation.
+
+    Without ``positions``: batches in prompt order, every position. With ``positions`` (the one position
+    per prompt the metric reads): prompts sorted by that position so that a batch ends at its last
+    prompt's position (a causal model's logits at a position do not depend on the later ones, so the
+    positions after it are not run at all)."""
+    if positions is None:
+        return [(idx, None, None) for idx in _batches(n, batch_size)]
+    order = torch.sort(positions.cpu(), stable=True).indices
+    runs = []
+    for chunk in _batches(n, batch_size):
+        idx = order[chunk]
+        runs.append((idx, int(positions[idx].max()) + 1, positions[idx]))
+    return runs
+
+
 def _call_metric(metric: MetricFn, idx: Tensor, logits: Tensor) -> Tensor:
     return metric(logits, idx)
 
@@ -365,14 +384,14 @@ class Ablation:
     corrupted: Tensor | None = None
     mean: Tensor | None = None  # [n_forward, 1, pos, d_model]
 
-    def values(self, model: Any, graph: EdgeGraph, idx: Tensor) -> Tensor | None:
-        """The ablated outputs of the prompts ``idx`` (None for zero)."""
+    def values(self, model: Any, graph: EdgeGraph, idx: Tensor, n_pos: int | None = None) -> Tensor | None:
+        """The ablated outputs of the prompts ``idx`` at their first ``n_pos`` positions (None for zero)."""
         if self.kind == "patching":
             assert self.corrupted is not None
-            return node_outputs(model, graph, self.corrupted[idx])[1]
+            return node_outputs(model, graph, self.corrupted[idx][:, :n_pos])[1]
         if self.kind == "mean":
             assert self.mean is not None
-            return self.mean
+            return self.mean[:, :, :n_pos]
         return None
 
 
@@ -415,13 +434,23 @@ def patched_logits(
     tokens: Int[Tensor, "batch pos"],
     ablated: Tensor | None,
     keep: Bool[Tensor, "n_forward n_backward"] | Bool[Tensor, "n_circuits n_forward n_backward"],
+    positions: Int[Tensor, " batch"] | None = None,
 ) -> Float[Tensor, "batch pos d_vocab"] | Float[Tensor, "n_circuits batch pos d_vocab"]:
     """Run ``tokens`` with every edge outside ``keep`` carrying its parent's ablated output.
 
     ``ablated`` is ``[n_forward, batch|1, pos, d_model]`` (None = zero). With a stack of ``R`` circuits
     (``keep`` of shape ``[R, n_forward, n_backward]``) the batch is repeated ``R`` times and run in one
-    forward pass, one circuit per copy; the logits are then ``[R, batch, pos, d_vocab]``. Call inside
-    :func:`edge_hooks_enabled`.
+    forward pass, one circuit per copy; the logits are then ``[R, batch, pos, d_vocab]``. With
+    ``positions`` (one position per prompt) the unembedding runs at that position only (the
+    unembedding of a large vocabulary at every position is a third of GPT-2 small's forward pass) and the
+    logits returned at every position are that position's (a broadcast view): for metrics that read the
+    logits at ``positions`` only. Call inside :func:`edge_hooks_enabled`.
+
+    How: in forward order, ``dbuf[r, i] = ablated_i - current_i`` is stored for every output ``i`` and
+    circuit ``r``; a slot ``j`` with parents ``i < hi`` gets ``sum_i missing[r, i, j] dbuf[r, i]`` added,
+    computed as one batched matrix product per layer for all ``3 n_heads`` q/k/v slots (over the rows
+    that hold a missing edge), or as ``sum_{i < hi} dbuf[r, i] - sum_i kept[r, i, j] dbuf[r, i]`` (a
+    running prefix sum) when fewer edges are kept than missing.
     """
     stacked = keep.ndim == 3
     keeps = keep if stacked else keep[None]
@@ -432,14 +461,18 @@ def patched_logits(
     real = graph.real.to(dev)
     keeps = keeps.to(dev) & real[None]
     missing = real[None] & ~keeps
-    # dbuf[i] = ablated_i - current_i, filled in forward order; prefix[hi] = sum of dbuf[:hi]
-    dbuf = torch.zeros(graph.n_forward, R, b, p, d, dtype=model.dtype, device=dev)
+    # dbuf[r, i] = ablated_i - current_i, filled in forward order (every row is written before it is read)
+    dbuf = torch.empty(graph.n_forward, R, b, p, d, dtype=model.dtype, device=dev)
     abl = None if ablated is None else ablated[:, None]  # [n_forward, 1, batch|1, pos, d]
     prefix: dict[int, Tensor] = {0: torch.zeros(R, b, p, d, dtype=model.dtype, device=dev)}
+    ready: dict[int, Tensor | None] = {}
 
     def write(rows: slice, value: Tensor) -> None:
         now = value.view(value.shape[0], R, b, p, d)
-        dbuf[rows] = -now if abl is None else abl[rows] - now
+        if abl is None:
+            torch.neg(now, out=dbuf[rows])
+        else:
+            torch.sub(abl[rows], now, out=dbuf[rows])
 
     def prefix_sum(hi: int) -> Tensor:
         if hi not in prefix:
@@ -447,50 +480,80 @@ def patched_logits(
             prefix[hi] = prefix[last] + dbuf[last:hi].sum(0)
         return prefix[hi]
 
+    def weighted(mask: Tensor) -> Tensor:
+        """``sum_i mask[r, i, j] dbuf[r, i]`` as ``[R, n_cols, b, p, d]`` (over the rows with an entry)."""
+        rows = torch.nonzero(mask.any(dim=2).any(dim=0)).flatten()
+        n_cols = mask.shape[-1]
+        if rows.numel() == 0:
+            return torch.zeros(R, n_cols, b, p, d, dtype=dbuf.dtype, device=dev)
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        if 4 * rows.numel() < hi - lo:  # a few scattered rows: gather them
+            src, w = dbuf[rows], mask[:, rows]
+        else:  # a slice: a view, no copy
+            src, w = dbuf[lo:hi], mask[:, lo:hi]
+        flat = src.view(src.shape[0], R, b * p * d).transpose(0, 1)  # [R, rows, b p d] (strided)
+        out = torch.bmm(w.transpose(1, 2).to(dbuf.dtype), flat)
+        return out.view(R, n_cols, b, p, d)
+
     def delta(cols: slice, hi: int) -> Tensor | None:
-        """What the slots ``cols`` get added: the sum of ``dbuf`` over their missing parents, computed
-        from the fewer of the missing and the kept parents (every ``i < hi`` is a parent)."""
+        """What the slots ``cols`` get added, ``[R, n_cols, b, p, d]``: the sum of ``dbuf`` over their missing
+        parents, computed from the fewer of the missing and the kept parents (every ``i < hi`` is one)."""
         m = missing[:, :hi, cols]  # [R, hi, n_cols]
         n_missing = int(m.sum())
         if n_missing == 0:
             return None
         k = keeps[:, :hi, cols]
-        n_cols = m.shape[-1]
         if int(k.sum()) < n_missing:
-            rows = torch.nonzero(k.any(dim=2).any(dim=0)).flatten()
-            out = prefix_sum(hi)[None].expand(n_cols, R, b, p, d)
-            if rows.numel():
-                kept = torch.einsum("irbpd,rij->jrbpd", dbuf[rows], k[:, rows].to(dbuf.dtype))
-                out = out - kept
-        else:
-            rows = torch.nonzero(m.any(dim=2).any(dim=0)).flatten()
-            out = torch.einsum("irbpd,rij->jrbpd", dbuf[rows], m[:, rows].to(dbuf.dtype))
-        return out.reshape(n_cols, R * b, p, d)
+            out = prefix_sum(hi)[:, None]
+            if bool(k.any()):
+                out = out - weighted(k)
+            return out.expand(R, m.shape[-1], b, p, d)
+        return weighted(m)
 
-    def slot_hook(cols: slice, hi: int) -> Callable[..., Tensor]:
+    def qkv_hook(layer: int, letter: str) -> Callable[..., Tensor]:
+        H = lay.H
+
         def fwd(t: Tensor, hook: Any) -> Tensor:
-            dv = delta(cols, hi)
-            return t if dv is None else t + dv.permute(1, 2, 0, 3)
+            if layer not in ready:  # the q, k and v slots of a layer in one product
+                start = lay.slots(layer, "q").start
+                ready[layer] = delta(slice(start, start + 3 * H), lay.heads(layer).start)
+            dv = ready[layer]
+            if dv is None:
+                return t
+            part = dv[:, "qkv".index(letter) * H : ("qkv".index(letter) + 1) * H]  # [R, H, b, p, d]
+            # in place: t is this slot's own per-head copy of the residual (the split q/k/v fork)
+            t.view(R, b, p, H, d).add_(part.permute(0, 2, 3, 1, 4))
+            return t
 
         return fwd
 
     def single_hook(col: int, hi: int) -> Callable[..., Tensor]:
         def fwd(t: Tensor, hook: Any) -> Tensor:
             dv = delta(slice(col, col + 1), hi)
-            return t if dv is None else t + dv[0]
+            return t if dv is None else t + dv[:, 0].reshape(R * b, p, d)
 
         return fwd
 
+    run_tokens = tokens.to(model.device).repeat(R, 1)
+    at = None
+    if positions is not None:
+        at = (torch.arange(R * b, device=dev), positions.to(dev).repeat(R))
+
+    def only_at(t: Tensor, hook: Any) -> Tensor:
+        return t[at][:, None]
+
     hooks = _output_hooks(model, lay, write)
     for layer in range(lay.L):
-        hi = lay.heads(layer).start
         for letter in "qkv":
-            hooks.append((f"blocks.{layer}.hook_{letter}_input", slot_hook(lay.slots(layer, letter), hi)))
+            hooks.append((f"blocks.{layer}.hook_{letter}_input", qkv_hook(layer, letter)))
         hooks.append((f"blocks.{layer}.hook_mlp_in", single_hook(lay.mlp_slot(layer), lay.mlp_prev(layer))))
     hooks.append(("ln_final.hook_in", single_hook(graph.n_backward - 1, graph.n_forward)))
-    run_tokens = tokens.to(model.device).repeat(R, 1)
+    if at is not None:  # the final norm is per position: unembed only the positions asked for
+        hooks.append(("unembed.hook_in", only_at))
     with torch.no_grad():
         logits = model.bridge.run_with_hooks(run_tokens, fwd_hooks=hooks)
+    if at is not None:
+        logits = logits.expand(R * b, p, logits.shape[-1])
     return logits.view(R, b, *logits.shape[1:]) if stacked else logits
 
 
@@ -509,11 +572,13 @@ def evaluate_circuits(
     batch_size: int = 8,
     progress: bool = False,
     copies: int | None = None,
+    positions: Int[Tensor, " batch"] | None = None,
 ) -> Float[Tensor, " n_circuits"]:
     """Mean metric over the prompts of the model with each circuit (edges outside it ablated), float64.
 
     ``copies`` circuits share one forward pass (default: about 32 prompt copies per pass); circuits with
-    the same edges run once."""
+    the same edges run once. ``positions`` (per prompt): the only position the metric reads (a task's
+    ``end``); the logits are then computed there only (:func:`patched_logits`), same values."""
     real = graph.real
     unique: list[Tensor] = []
     which: list[int] = []
@@ -526,12 +591,13 @@ def evaluate_circuits(
         which.append(hit)
     sums = torch.zeros(len(unique), dtype=torch.float64)
     with edge_hooks_enabled(model):
-        for idx in tqdm(_batches(len(clean), batch_size), desc="evaluate", leave=False, disable=not progress):
-            ablated = ablation.values(model, graph, idx)
+        runs = _runs(len(clean), batch_size, positions)
+        for idx, n_pos, at in tqdm(runs, desc="evaluate", leave=False, disable=not progress):
+            ablated = ablation.values(model, graph, idx, n_pos)
             step = _copies(len(idx), copies)
             for start in range(0, len(unique), step):
                 keeps = torch.stack(unique[start : start + step])
-                logits = patched_logits(model, graph, clean[idx], ablated, keeps)
+                logits = patched_logits(model, graph, clean[idx][:, :n_pos], ablated, keeps, at)
                 for r in range(len(keeps)):
                     sums[start + r] += metric(logits[r], idx).to(torch.float64).sum().cpu()
     return (sums / len(clean))[torch.tensor(which, dtype=torch.long)]
@@ -547,29 +613,33 @@ def exact_scores(
     edges: Sequence[tuple[int, int]] | None = None,
     progress: bool = False,
     copies: int | None = None,
+    positions: Int[Tensor, " batch"] | None = None,
 ) -> Float[Tensor, "n_forward n_backward"]:
     """Each edge's true effect: ``mean_prompts metric(clean) - metric(clean with that edge ablated)``.
 
     One patched copy of the batch per edge (``copies`` edges per forward pass): for toy and tiny models
     (and as the tests' reference).
-    ``edges`` restricts the work to some ``(i, j)`` pairs; the others are NaN.
+    ``edges`` restricts the work to some ``(i, j)`` pairs; the others are NaN. ``positions``: as for
+    :func:`evaluate_circuits`.
     """
     pairs = edges if edges is not None else [tuple(x) for x in torch.nonzero(graph.real).tolist()]
     scores = torch.full((graph.n_forward, graph.n_backward), float("nan"), dtype=torch.float64)
     sums = torch.zeros(len(pairs), dtype=torch.float64)
     full = graph.full()
     with edge_hooks_enabled(model):
-        for idx in tqdm(_batches(len(clean), batch_size), desc="exact", leave=False, disable=not progress):
-            ablated = ablation.values(model, graph, idx)
+        runs = _runs(len(clean), batch_size, positions)
+        for idx, n_pos, at in tqdm(runs, desc="exact", leave=False, disable=not progress):
+            ablated = ablation.values(model, graph, idx, n_pos)
+            tokens = clean[idx][:, :n_pos]
             with torch.no_grad():
-                base = metric(model.bridge.run_with_hooks(clean[idx].to(model.device), fwd_hooks=[]), idx)
+                base = metric(model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=[]), idx)
             step = _copies(len(idx), copies)
             for start in range(0, len(pairs), step):
                 chunk = pairs[start : start + step]
                 keeps = full[None].repeat(len(chunk), 1, 1)
                 for r, (i, j) in enumerate(chunk):
                     keeps[r, i, j] = False
-                logits = patched_logits(model, graph, clean[idx], ablated, keeps)
+                logits = patched_logits(model, graph, tokens, ablated, keeps, at)
                 for r in range(len(chunk)):
                     sums[start + r] += (base - metric(logits[r], idx)).to(torch.float64).sum().cpu()
     for e, (i, j) in enumerate(pairs):

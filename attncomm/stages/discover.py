@@ -115,7 +115,9 @@ def run_discover(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
             ablation = make_ablation(
                 cfg.evaluate.ablation, model, graph, prompts.tokens, prompts.lengths, corrupted, bs
             )
-            scores = exact_scores(model, graph, prompts.tokens, ablation, metric, bs, progress=True)
+            scores = exact_scores(
+                model, graph, prompts.tokens, ablation, metric, bs, progress=True, positions=prompts.end
+            )
             meta["ablation"] = cfg.evaluate.ablation
         value = cfg.method.threshold if cfg.method.select == "threshold" else cfg.method.budget
         in_graph = select(graph, scores, cfg.method.select, value, cfg.method.absolute)
