@@ -359,3 +359,68 @@ def test_answer_positions_only_same_values(ablation_kind: str) -> None:
     )
     for i, j in pairs:
         assert abs(float(exact[i, j]) - float(exact_end[i, j])) < 1e-12
+
+
+def hand_ig_activations(model, clean, corrupted, metric, edge: str, steps: int) -> float:
+    """EAP-IG-activations by hand: for every group (embeddings, each layer's attention output, each MLP
+    output) and ``alpha = k / steps``, the group's output set to ``corrupted + alpha (clean - corrupted)``
+    in a clean run, the directional derivative of the metric along (out_u(clean) - out_u(corrupted)) at
+    slot v; the mean over all those runs."""
+    parent, slot = edge.split("->")
+    groups = ["blocks.0.hook_resid_pre"]
+    for layer in range(model.arch.n_layers):
+        groups += [f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out"]
+    idx = torch.arange(len(clean))
+    total = 0.0
+    with edge_hooks_enabled(model):
+        diff = (_out_value(model, clean, parent) - _out_value(model, corrupted, parent)).detach()
+        _, acts_clean = model.run_with_cache(clean, groups)
+        _, acts_corr = model.run_with_cache(corrupted, groups)
+        for group in groups:
+            for k in range(1, steps + 1):
+                value = acts_corr[group] + (k / steps) * (acts_clean[group] - acts_corr[group])
+                eps = torch.zeros((), dtype=torch.float64, requires_grad=True)
+                name, fn = _slot_hook(slot, lambda t, eps=eps: eps * diff)
+                hooks = [(group, lambda t, hook, v=value: v), (name, fn)]
+                if name == group:  # the logits slot is not a group's output; never both
+                    raise AssertionError(name)
+                with torch.enable_grad():
+                    value = metric(model.bridge.run_with_hooks(clean, fwd_hooks=hooks), idx).sum()
+                    if not value.requires_grad:  # the slot's node feeds only the group held fixed
+                        continue
+                    (grad,) = torch.autograd.grad(value, eps, allow_unused=True)
+                total += 0.0 if grad is None else float(grad) / len(clean)
+    return total / (len(groups) * steps)
+
+
+@pytest.mark.parametrize("builder", ["tiny-gpt2", "tiny-pythia", "tiny-llama"])
+def test_eap_ig_activations_variant(builder: str) -> None:
+    model = fresh_tiny(builder)
+    graph = EdgeGraph(graph_shape(model))
+    clean, corrupted = random_pair(6)
+    eap = eap_scores(model, graph, clean, corrupted, last_pos_metric, batch_size=3)
+    act1 = eap_scores(
+        model, graph, clean, corrupted, last_pos_metric, 3, ig_steps=1, ig_variant="activations"
+    )
+    into_logits = graph.real.clone()
+    into_logits[:, :-1] = False
+    # one step: the edges into the logits get EAP's scores exactly; other edges see the gradient with one
+    # group of outputs held fixed in each run, so they differ
+    torch.testing.assert_close(act1[into_logits], eap[into_logits], rtol=0, atol=1e-9)
+    others = graph.real & ~into_logits
+    assert not torch.allclose(act1[others], eap[others])
+    act2 = eap_scores(
+        model, graph, clean, corrupted, last_pos_metric, 2, ig_steps=2, ig_variant="activations"
+    )
+    for edge in ["input->a1.h0<k>", "a0.h1->m1", "m0->a1.h2<q>", "a1.h3->logits"]:
+        i, j = graph.edge_index(edge)
+        hand = hand_ig_activations(model, clean, corrupted, last_pos_metric, edge, 2)
+        assert abs(float(act2[i, j]) - hand) < 1e-9, edge
+
+
+def test_ig_variant_checked() -> None:
+    model = fresh_tiny("tiny-gpt2")
+    graph = EdgeGraph(graph_shape(model))
+    clean, corrupted = random_pair(0)
+    with pytest.raises(Exception, match="method.ig_variant"):
+        eap_scores(model, graph, clean, corrupted, last_pos_metric, ig_steps=2, ig_variant="layers")

@@ -226,14 +226,16 @@ def slot_gradients(
     on_grad: GradFn,
     input_value: Tensor | None = None,
     before_backward: Callable[[Tensor], None] | None = None,
+    extra_hooks: Sequence[tuple[str, Callable[..., Any]]] = (),
 ) -> tuple[Tensor, Tensor]:
     """One forward and one backward pass: returns ``(metric per prompt, outputs[n_forward, b, p, d])``.
 
     During the backward pass ``on_grad`` receives the gradient of ``sum(metric)`` at every input slot
     (each layer's q, k, v slots and MLP slot, then the logits), so callers reduce it at once instead of
     holding all slots' gradients. ``before_backward(outputs)`` runs between the passes.
-    ``input_value`` replaces the ``input`` node's output (EAP-IG's interpolated embeddings); parameters
-    get no gradients.
+    ``input_value`` replaces the ``input`` node's output (EAP-IG's interpolated embeddings);
+    ``extra_hooks`` run after the others (the activation variant's interpolated layer outputs);
+    parameters get no gradients.
     """
     b, p, d = _shape_of(model, tokens)
     lay = _Layout(graph)
@@ -272,6 +274,7 @@ def slot_gradients(
         )
     last = graph.n_backward - 1
     hooks.append(("ln_final.hook_in", grad_hook(slice(last, last + 1), graph.n_forward, False)))
+    hooks += list(extra_hooks)
     with torch.enable_grad():
         logits = model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=hooks)
         values = metric(logits)
@@ -339,6 +342,51 @@ def _eap_batch(
         slot_gradients(model, graph, clean, metric, on_grad, input_value=value, before_backward=set_diff)
 
 
+#: EAP-IG's variants: integrated gradients on the inputs (embeddings) or on every layer's activations
+IG_VARIANTS: tuple[str, ...] = ("inputs", "activations")
+
+
+def _layer_outputs(model: Any, graph: EdgeGraph) -> list[str]:
+    """The hooks whose values the activation variant interpolates, one per group of nodes: the
+    embeddings, then per layer the attention output (all heads) and the MLP output."""
+    names = ["blocks.0.hook_resid_pre"]
+    for layer in range(graph.shape.n_layers):
+        names += [f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out"]
+    return names
+
+
+def _eap_ig_activations_batch(
+    model: Any,
+    graph: EdgeGraph,
+    clean: Tensor,
+    corrupted: Tensor,
+    metric: Callable[[Tensor], Tensor],
+    ig_steps: int,
+    scores: Tensor,
+) -> None:
+    """Add one batch's (unnormalised) EAP-IG activation-variant scores to ``scores``."""
+    names = _layer_outputs(model, graph)
+    with torch.no_grad():
+        _, out_clean = node_outputs(model, graph, clean)
+        _, out_corr = node_outputs(model, graph, corrupted)
+        acts_clean = model.run_with_cache(clean, names)[1]
+        acts_corr = model.run_with_cache(corrupted, names)[1]
+    diff = (out_clean - out_corr).flatten(1)
+    runs = len(names) * ig_steps
+
+    def on_grad(cols: slice, hi: int, g: Tensor) -> None:
+        scores[:hi, cols] += (diff[:hi] @ g.flatten(1).T).to(torch.float64) / runs
+
+    for name in names:
+        for k in range(1, ig_steps + 1):
+            value = acts_corr[name] + (k / ig_steps) * (acts_clean[name] - acts_corr[name])
+            if name == names[0]:
+                slot_gradients(model, graph, clean, metric, on_grad, input_value=value)
+            else:
+                hook = (name, lambda t, hook, v=value: v)
+                slot_gradients(model, graph, clean, metric, on_grad, extra_hooks=[hook])
+
+
 def eap_scores(
     model: Any,
     graph: EdgeGraph,
@@ -348,6 +396,7 @@ def eap_scores(
     batch_size: int = 8,
     ig_steps: int = 1,
     progress: bool = False,
+    ig_variant: str = "inputs",
 ) -> Float[Tensor, "n_forward n_backward"]:
     """EAP (``ig_steps=1``) or EAP-IG on the inputs (``ig_steps > 1``) scores of every edge (float64).
 
@@ -358,15 +407,30 @@ def eap_scores(
     not edges are NaN. Per batch: one corrupted forward pass and ``ig_steps`` forward+backward passes;
     each slot's gradient is reduced against the output differences as soon as the backward pass
     produces it, so memory holds two ``[n_forward, batch, pos, d_model]`` tensors, not the slots'.
+
+    ``ig_variant="activations"`` is EAP-IG's ``EAP-IG-activations`` (MIB's "EAP-IG-activations"): the
+    outputs of one group of nodes at a time (the embeddings; all heads of a layer, i.e. the layer's
+    attention output; an MLP) are set to ``corrupted + alpha (clean - corrupted)`` in a clean run, for
+    ``alpha = k / ig_steps``, ``k = 1..ig_steps``; every edge's score is ``(out_u(clean) -
+    out_u(corrupted)) . g_v`` averaged over all ``(1 + 2 n_layers) * ig_steps`` such runs (as EAP-IG, the
+    gradient at every slot is taken in every run; the set group's output is a constant, so no gradient
+    flows through it). Edges into the logits get exactly EAP's score at one step (their slot is after every
+    group, and at ``alpha = 1`` every run's forward values are the clean run's). Per batch: 2 + 2 forward
+    passes and ``(1 + 2 n_layers) * ig_steps`` forward+backward passes.
     """
     check_pair(clean, corrupted)
     if ig_steps < 1:
         raise EdgePatchingInputError(f"method.ig_steps must be at least 1, got {ig_steps}")
+    if ig_variant not in IG_VARIANTS:
+        raise EdgePatchingInputError(
+            f"method.ig_variant={ig_variant!r} is not one of {', '.join(IG_VARIANTS)}"
+        )
+    one_batch = _eap_ig_activations_batch if ig_variant == "activations" else _eap_batch
     scores = torch.zeros(graph.n_forward, graph.n_backward, dtype=torch.float64, device=model.device)
     with edge_hooks_enabled(model):
         for idx in tqdm(_batches(len(clean), batch_size), desc="eap", leave=False, disable=not progress):
             batch_metric = functools.partial(_call_metric, metric, idx)
-            _eap_batch(model, graph, clean[idx], corrupted[idx], batch_metric, ig_steps, scores)
+            one_batch(model, graph, clean[idx], corrupted[idx], batch_metric, ig_steps, scores)
     scores = scores.cpu() / len(clean)
     scores[~graph.real] = float("nan")
     return scores

@@ -102,8 +102,13 @@ def run_discover(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
         bs = batch_size(cfg)
         if method in ("eap", "eap-ig"):
             steps = 1 if method == "eap" else int(cfg.method.ig_steps)
-            scores = eap_scores(model, graph, prompts.tokens, corrupted, metric, bs, steps, progress=True)
+            variant = "inputs" if method == "eap" else str(cfg.method.ig_variant)
+            scores = eap_scores(
+                model, graph, prompts.tokens, corrupted, metric, bs, steps, progress=True, ig_variant=variant
+            )
             meta["ig_steps"] = steps
+            if method == "eap-ig":
+                meta["ig_variant"] = variant
         else:
             if graph.n_edges > EXACT_WARN_EDGES:
                 log.warning(
