@@ -424,3 +424,19 @@ def test_ig_variant_checked() -> None:
     clean, corrupted = random_pair(0)
     with pytest.raises(Exception, match="method.ig_variant"):
         eap_scores(model, graph, clean, corrupted, last_pos_metric, ig_steps=2, ig_variant="layers")
+
+
+@pytest.mark.parametrize("builder", FAMILIES)
+def test_graph_dims_from_config_equal_loaded_model(builder: str) -> None:
+    """``stage=discover method=acc`` takes the graph's shape from config.json without loading weights."""
+    from attncomm.models.dimensions import graph_dims
+
+    dims = graph_dims(tiny_model_config(builder), test_cache_dir())
+    assert dims is not None
+    shape = graph_shape(fresh_tiny(builder))
+    assert (dims.n_layers, dims.n_heads, dims.parallel_attn, dims.d_model) == (
+        shape.n_layers,
+        shape.n_heads,
+        shape.parallel_attn,
+        shape.d_model,
+    )

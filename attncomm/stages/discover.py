@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attncomm.core.edge_graph import EdgeGraph, check_budget, select
+from attncomm.core.edge_graph import EdgeGraph, GraphShape, check_budget, select
 from attncomm.errors import ConfigError
 from attncomm.io.graphml import read_graph
 from attncomm.io.mib_json import EdgeCircuit, write_mib_json
@@ -27,6 +27,7 @@ from attncomm.methods.edge_patching import (
     graph_shape,
     make_ablation,
 )
+from attncomm.models.dimensions import graph_dims
 from attncomm.runtime.config import AppConfig
 from attncomm.runtime.registry import RunContext, register_stage
 
@@ -76,14 +77,24 @@ def acc_scores(cfg: AppConfig, ctx: RunContext, graph: EdgeGraph) -> tuple[Tenso
     return scores, circuit, meta
 
 
+def discover_shape(cfg: AppConfig, ctx: RunContext, method: str) -> GraphShape:
+    """The edge graph's shape: for ``acc`` (which only maps recorded graphs) from the model's
+    ``config.json`` without loading the weights when it is at hand, else from the loaded model."""
+    if method == "acc":
+        dims = graph_dims(cfg.model, ctx.cache_dir)
+        if dims is not None:
+            return GraphShape(dims.n_layers, dims.n_heads, dims.parallel_attn, dims.d_model)
+    model = ctx.model
+    check_supported(model)
+    return graph_shape(model)
+
+
 @register_stage("discover", consumes=(), produces=("edge_scores",), needs_model=True)
 def run_discover(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     """Score every edge with the chosen method and write the MIB / EAP-IG JSON."""
     method = check_method(cfg.method.name)
     check_selection(cfg)
-    model = ctx.model
-    check_supported(model)
-    graph = EdgeGraph(graph_shape(model))
+    graph = EdgeGraph(discover_shape(cfg, ctx, method))
     meta: dict[str, Any] = {
         "method": method,
         "model": ctx.model_short,
@@ -96,6 +107,7 @@ def run_discover(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
         scores, in_graph, extra = acc_scores(cfg, ctx, graph)
         meta.update(extra)
     else:
+        model = ctx.model
         prompts = ctx.prompts
         corrupted = prompts.require_corrupted(f"method={method}")
         metric = task_metric(ctx)
