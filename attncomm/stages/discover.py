@@ -21,6 +21,7 @@ from attncomm.io.mib_json import EdgeCircuit, write_mib_json
 from attncomm.methods.acc_edges import map_acc_graph
 from attncomm.methods.circuit_sources import check_method, edges_json
 from attncomm.methods.edge_patching import (
+    IG_VARIANTS,
     check_supported,
     eap_scores,
     exact_scores,
@@ -52,9 +53,12 @@ def task_metric(ctx: RunContext):
 
 
 def check_selection(cfg: AppConfig) -> None:
-    """Validate ``method.select`` / ``method.budget`` before any work."""
+    """Validate ``method.select`` / ``method.budget`` / ``method.ig_variant`` before any work."""
     if cfg.method.select not in ("topn", "greedy", "threshold"):
         raise ConfigError(f"method.select={cfg.method.select!r} is not one of topn, greedy, threshold")
+    if cfg.method.ig_variant not in IG_VARIANTS:
+        choices = ", ".join(IG_VARIANTS)
+        raise ConfigError(f"method.ig_variant={cfg.method.ig_variant!r} is not one of {choices}")
     if cfg.method.select != "threshold":
         check_budget(cfg.method.budget, "method.budget")
 
