@@ -245,7 +245,9 @@ def bench_edges(
         circuits = [select(graph, scores, "topn", b) for b in MIB_BUDGETS_PERCENT]
         ablation = make_ablation("patching", model, graph, prompts.tokens, corrupted=corrupted)
         t0, c0 = time.perf_counter(), time.process_time()
-        evaluate_circuits(model, graph, prompts.tokens, ablation, circuits, metric, batch_size)
+        evaluate_circuits(
+            model, graph, prompts.tokens, ablation, circuits, metric, batch_size, positions=prompts.end
+        )
         result["budgets"] = len(circuits)
         result["evaluate_seconds"] = round(time.perf_counter() - t0, 3)
         result["evaluate_cpu_seconds"] = round(time.process_time() - c0, 3)

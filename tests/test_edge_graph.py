@@ -284,7 +284,7 @@ def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.cli
-@pytest.mark.parametrize("case", ["other_shape", "unknown_edges", "budget"])
+@pytest.mark.parametrize("case", ["other_shape", "unknown_edges", "budget", "ig_variant"])
 def test_cli_bad_input(tmp_path: Path, case: str) -> None:
     circuit = tmp_path / "circuit.json"
     toy = GraphShape(3, 4, False, 64)  # toy-ioi
@@ -298,9 +298,12 @@ def test_cli_bad_input(tmp_path: Path, case: str) -> None:
             )
         )
         args, message = [f"evaluate.circuit={circuit}"], "unknown edge name"
-    else:
+    elif case == "budget":
         args, message = ["evaluate.budgets=[0,10,100]"], r"budget 0.0 is outside (0, 100]"
-    proc = _cli(tmp_path, "stage=evaluate", "method=eap", "task.n_prompts=2", *args)
+    else:
+        args, message = ["method.ig_variant=layers"], "method.ig_variant='layers' is not one of"
+    stage = ["stage=discover", "method=eap-ig"] if case == "ig_variant" else ["stage=evaluate", "method=eap"]
+    proc = _cli(tmp_path, *stage, "task.n_prompts=2", *args)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]

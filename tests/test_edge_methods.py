@@ -11,7 +11,6 @@ from torch import Tensor
 
 from attncomm.core.edge_graph import EdgeGraph
 from attncomm.methods.edge_patching import (
-    UnsupportedModelError,
     eap_scores,
     edge_hooks_enabled,
     evaluate_circuits,
@@ -53,11 +52,17 @@ def _out_value(model: ModelAdapter, tokens: Tensor, node: str) -> Tensor:
     else:
         layer = int(node[1 : node.index(".")])
         name = f"blocks.{layer}.attn.hook_z"
-    _, cache = model.run_with_cache(tokens, [name])
+    names = [name]
+    if node.startswith("a") and model.arch.post_attn_norm:
+        names.append(name.replace("attn.hook_z", "ln1_post.hook_scale"))
+    _, cache = model.run_with_cache(tokens, names)
     value = cache[name]
     if node.startswith("a"):
         layer, head = (int(x) for x in node[1:].split(".h"))
         value = value[:, :, head] @ model.weights.W_O[layer, head]
+        if model.arch.post_attn_norm:  # its share of the post-normed attention output (b_O is zero here)
+            assert not model.weights.b_O.any()
+            value = value * model.weights.ln1_post_gain[layer] / cache[names[1]]
     return value
 
 
@@ -79,7 +84,12 @@ def _slot_hook(slot: str, add) -> tuple[str, object]:
 
 
 def hand_eap(model, clean, corrupted, metric, edge: str) -> float:
-    """d/d eps of metric(clean, slot += eps * (out_u(clean) - out_u(corrupted))) at eps = 0 (autograd)."""
+    """d/d eps of metric(clean, slot += eps * (out_u(clean) - out_u(corrupted))) at eps = 0 (autograd),
+    averaged over the prompts.
+
+    The gradient of the *sum* over prompts is taken and then divided, as ``eap_scores`` does: the bridge's
+    rotary attention (Llama, Gemma-2) computes its softmax in float32 even in a float64 model, so the
+    gradient of the mean would be rounded differently there (about 1e-7 relative)."""
     parent, slot = edge.split("->")
     with edge_hooks_enabled(model):
         diff = (_out_value(model, clean, parent) - _out_value(model, corrupted, parent)).detach()
@@ -87,8 +97,8 @@ def hand_eap(model, clean, corrupted, metric, edge: str) -> float:
         name, fn = _slot_hook(slot, lambda t: eps * diff)
         with torch.enable_grad():
             logits = model.bridge.run_with_hooks(clean, fwd_hooks=[(name, fn)])
-            (grad,) = torch.autograd.grad(metric(logits, torch.arange(len(clean))).mean(), eps)
-    return float(grad)
+            (grad,) = torch.autograd.grad(metric(logits, torch.arange(len(clean))).sum(), eps)
+    return float(grad) / len(clean)
 
 
 def hand_ig(model, clean, corrupted, metric, edge: str, steps: int) -> float:
@@ -107,8 +117,8 @@ def hand_ig(model, clean, corrupted, metric, edge: str, steps: int) -> float:
             hooks = [("blocks.0.hook_resid_pre", lambda t, hook, e=embed: e), (name, fn)]
             with torch.enable_grad():
                 logits = model.bridge.run_with_hooks(clean, fwd_hooks=hooks)
-                (grad,) = torch.autograd.grad(metric(logits, torch.arange(len(clean))).mean(), eps)
-            total += float(grad)
+                (grad,) = torch.autograd.grad(metric(logits, torch.arange(len(clean))).sum(), eps)
+            total += float(grad) / len(clean)
     return total / steps
 
 
@@ -125,17 +135,32 @@ def hand_exact(model, clean, corrupted, metric, edge: str) -> float:
     return float((metric(base, idx) - metric(patched, idx)).mean())
 
 
-SOME_EDGES = [
-    "input->a0.h1<q>",
-    "input->a1.h0<k>",
-    "a0.h2->a2.h3<v>",
-    "a0.h0->m0",
-    "m1->a2.h0<q>",
-    "a2.h1->logits",
-]
+#: the families: GPT-2 (3 layers), Pythia (3 layers, parallel attention), Llama and Qwen2 (2 layers,
+#: grouped-query attention 4 query / 2 kv heads, Qwen2 with q/k/v biases), Gemma-2 (2 layers, GQA,
+#: post-attention and post-MLP norms, softcaps, scaled embeddings)
+FAMILIES = ["tiny-gpt2", "tiny-pythia", "tiny-llama", "tiny-qwen2", "tiny-gemma2"]
 
 
-@pytest.mark.parametrize("builder", ["tiny-gpt2", "tiny-pythia"])
+def some_edges(graph: EdgeGraph) -> list[str]:
+    """Edges of every kind for a 2- or 3-layer graph (last = the top layer), including the key and value
+    inputs of two query heads that share a kv head in the grouped-query models."""
+    top = graph.shape.n_layers - 1
+    edges = [
+        "input->a0.h1<q>",
+        f"input->a{top}.h0<k>",
+        f"a0.h2->a{top}.h3<v>",
+        f"a0.h1->a{top}.h0<k>",
+        f"a0.h1->a{top}.h1<k>",
+        f"a0.h3->a{top}.h1<v>",
+        f"m0->a{top}.h0<q>",
+        f"a{top}.h1->logits",
+        f"m{top}->logits",
+    ]
+    edges.append("a0.h0->m1" if graph.shape.parallel_attn else "a0.h0->m0")
+    return edges
+
+
+@pytest.mark.parametrize("builder", FAMILIES)
 def test_eap_equals_hand_autograd_and_ig1(builder: str) -> None:
     model = fresh_tiny(builder)
     graph = EdgeGraph(graph_shape(model))
@@ -143,9 +168,7 @@ def test_eap_equals_hand_autograd_and_ig1(builder: str) -> None:
     scores = eap_scores(model, graph, clean, corrupted, last_pos_metric, batch_size=2)
     assert scores.dtype == torch.float64 and torch.isnan(scores[~graph.real]).all()
     assert not torch.isnan(scores[graph.real]).any()
-    edges = [e for e in SOME_EDGES if not (builder == "tiny-pythia" and e == "a0.h0->m0")]
-    if builder == "tiny-pythia":
-        edges.append("a0.h0->m1")
+    edges = some_edges(graph)
     for edge in edges:
         i, j = graph.edge_index(edge)
         assert abs(float(scores[i, j]) - hand_eap(model, clean, corrupted, last_pos_metric, edge)) < 1e-9, (
@@ -155,7 +178,7 @@ def test_eap_equals_hand_autograd_and_ig1(builder: str) -> None:
     torch.testing.assert_close(ig1[graph.real], scores[graph.real], rtol=0, atol=1e-9)
     ig3 = eap_scores(model, graph, clean, corrupted, last_pos_metric, batch_size=3, ig_steps=3)
     assert not torch.allclose(ig3[graph.real], scores[graph.real])  # more steps: a different estimate
-    for edge in ["input->a1.h0<k>", "a1.h1->logits"]:
+    for edge in ["input->a1.h0<k>", "a1.h1->logits", "a0.h1->a1.h1<v>"]:
         i, j = graph.edge_index(edge)
         assert abs(float(ig3[i, j]) - hand_ig(model, clean, corrupted, last_pos_metric, edge, 3)) < 1e-9
 
@@ -183,13 +206,13 @@ def test_eap_on_toy_ioi_equals_hand_autograd() -> None:
         assert abs(float(scores[i, j]) - hand_eap(model, prompts.tokens, corrupted, metric, edge)) < 1e-9
 
 
-@pytest.mark.parametrize("builder", ["tiny-gpt2", "tiny-pythia"])
+@pytest.mark.parametrize("builder", FAMILIES)
 def test_exact_equals_hand_patching(builder: str) -> None:
     model = fresh_tiny(builder)
     graph = EdgeGraph(graph_shape(model))
     clean, corrupted = random_pair(2)
     ablation = make_ablation("patching", model, graph, clean, corrupted=corrupted)
-    edges = ["input->a0.h1<q>", "a0.h2->a2.h3<v>", "m1->a2.h0<k>", "a2.h1->logits", "m2->logits"]
+    edges = some_edges(graph)
     pairs = [graph.edge_index(e) for e in edges]
     scores = exact_scores(model, graph, clean, ablation, last_pos_metric, batch_size=2, edges=pairs)
     for edge, (i, j) in zip(edges, pairs, strict=True):
@@ -225,13 +248,53 @@ def test_evaluate_end_points(ablation_kind: str) -> None:
         assert abs(float(empty) - float(clean_metric)) > 1e-6
 
 
-def test_gemma_refused() -> None:
-    model = load_model(
-        tiny_model_config("tiny-gemma2"), device="cpu", dtype=torch.float32, cache_dir=test_cache_dir()
+@pytest.mark.parametrize("builder", FAMILIES)
+def test_evaluate_all_and_no_edges_every_family(builder: str) -> None:
+    """All edges kept = the clean run, none kept (patching) = the corrupted run, so faithfulness 1 / 0."""
+    model = fresh_tiny(builder)
+    graph = EdgeGraph(graph_shape(model))
+    clean, corrupted = random_pair(4)
+    idx = torch.arange(len(clean))
+    ablation = make_ablation("patching", model, graph, clean, corrupted=corrupted)
+    full, empty = evaluate_circuits(
+        model, graph, clean, ablation, [graph.full(), graph.empty()], last_pos_metric, batch_size=2
     )
-    with pytest.raises(UnsupportedModelError, match="post-attention norm"):
-        with edge_hooks_enabled(model):
-            pass
+    clean_m = last_pos_metric(model.run_with_hooks(clean, []), idx).mean()
+    corr_m = last_pos_metric(model.run_with_hooks(corrupted, []), idx).mean()
+    assert abs(float(clean_m) - float(corr_m)) > 1e-3  # the end points differ
+    assert abs(float(full) - float(clean_m)) < 1e-9
+    assert abs(float(empty) - float(corr_m)) < 1e-9
+
+
+@pytest.mark.parametrize("builder", ["tiny-llama", "tiny-gemma2"])
+def test_grouped_kv_heads_patched_per_query_head(builder: str) -> None:
+    """Query heads 0 and 1 share kv head 0. Ablating ``a0.h1 -> a1.h0<k>`` and ``-> a1.h1<k>`` together
+    equals patching the shared key input of the grouped model (a hand hook outside the edge context);
+    ablating only one of them differs; the model is unchanged after the edge context."""
+    model = fresh_tiny(builder)
+    assert model.arch.n_kv_heads == 2 and model.arch.n_heads == 4
+    graph = EdgeGraph(graph_shape(model))
+    clean, corrupted = random_pair(5)
+    idx = torch.arange(len(clean))
+    ablation = make_ablation("patching", model, graph, clean, corrupted=corrupted)
+    both, one = graph.full(), graph.full()
+    for name in ["a0.h1->a1.h0<k>", "a0.h1->a1.h1<k>"]:
+        both[graph.edge_index(name)] = False
+    one[graph.edge_index("a0.h1->a1.h0<k>")] = False
+    got_both, got_one = evaluate_circuits(model, graph, clean, ablation, [both, one], last_pos_metric, 2)
+    # outside the edge context: the grouped model, one key input per kv head
+    model.set_split_qkv_input(True)
+    diff = _out_value(model, corrupted, "a0.h1") - _out_value(model, clean, "a0.h1")
+
+    def patch_kv0(t: Tensor, hook) -> Tensor:
+        assert t.shape[2] == 2  # grouped again: n_kv_heads key inputs
+        t = t.clone()
+        t[:, :, 0] = t[:, :, 0] + diff
+        return t
+
+    hand = last_pos_metric(model.run_with_hooks(clean, [("blocks.1.hook_k_input", patch_kv0)]), idx).mean()
+    assert abs(float(got_both) - float(hand)) < 1e-9
+    assert abs(float(got_one) - float(got_both)) > 1e-6
 
 
 def test_patched_runs_against_hand_hooks() -> None:
@@ -265,3 +328,115 @@ def test_patched_runs_against_hand_hooks() -> None:
             )
     assert abs(float(got[0]) - float(last_pos_metric(a, idx).mean())) < 1e-9
     assert abs(float(got[1]) - float(last_pos_metric(b, idx).mean())) < 1e-9
+
+
+@pytest.mark.parametrize("ablation_kind", ["patching", "mean"])
+def test_answer_positions_only_same_values(ablation_kind: str) -> None:
+    """Evaluating with ``positions`` (the unembedding at the answer position only, prompts sorted by it and
+    later positions not run) gives the values of the full run, for circuits and for exact scores."""
+    model = load_toy_ioi()
+    prompts = ioi_prompts(model, 7)
+    assert len(set(prompts.end.tolist())) > 1  # prompts of different lengths: batches are trimmed
+    corrupted = hand_corrupted(prompts)
+    metric = task_metric(prompts)
+    graph = EdgeGraph(graph_shape(model))
+    ablation = make_ablation(
+        ablation_kind, model, graph, prompts.tokens, prompts.lengths, corrupted=corrupted, batch_size=3
+    )
+    g = torch.Generator().manual_seed(0)
+    circuits = [graph.full(), graph.empty()] + [
+        graph.real & (torch.rand(graph.real.shape, generator=g) < f) for f in (0.3, 0.6, 0.9)
+    ]
+    args = (model, graph, prompts.tokens, ablation, circuits, metric, 3)
+    full = evaluate_circuits(*args, copies=2)
+    only_end = evaluate_circuits(*args, copies=2, positions=prompts.end)
+    torch.testing.assert_close(only_end, full, rtol=0, atol=1e-12)
+    assert len(set(full.tolist())) == len(circuits)  # the circuits differ
+    pairs = [graph.edge_index(e) for e in ["input->a0.h1<k>", "a1.h2->a2.h0<q>", "a2.h3->logits"]]
+    exact = exact_scores(model, graph, prompts.tokens, ablation, metric, 3, edges=pairs)
+    exact_end = exact_scores(
+        model, graph, prompts.tokens, ablation, metric, 3, edges=pairs, positions=prompts.end
+    )
+    for i, j in pairs:
+        assert abs(float(exact[i, j]) - float(exact_end[i, j])) < 1e-12
+
+
+def hand_ig_activations(model, clean, corrupted, metric, edge: str, steps: int) -> float:
+    """EAP-IG-activations by hand: for every group (embeddings, each layer's attention output, each MLP
+    output) and ``alpha = k / steps``, the group's output set to ``corrupted + alpha (clean - corrupted)``
+    in a clean run, the directional derivative of the metric along (out_u(clean) - out_u(corrupted)) at
+    slot v; the mean over all those runs."""
+    parent, slot = edge.split("->")
+    groups = ["blocks.0.hook_resid_pre"]
+    for layer in range(model.arch.n_layers):
+        groups += [f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out"]
+    idx = torch.arange(len(clean))
+    total = 0.0
+    with edge_hooks_enabled(model):
+        diff = (_out_value(model, clean, parent) - _out_value(model, corrupted, parent)).detach()
+        _, acts_clean = model.run_with_cache(clean, groups)
+        _, acts_corr = model.run_with_cache(corrupted, groups)
+        for group in groups:
+            for k in range(1, steps + 1):
+                value = acts_corr[group] + (k / steps) * (acts_clean[group] - acts_corr[group])
+                eps = torch.zeros((), dtype=torch.float64, requires_grad=True)
+                name, fn = _slot_hook(slot, lambda t, eps=eps: eps * diff)
+                hooks = [(group, lambda t, hook, v=value: v), (name, fn)]
+                if name == group:  # the logits slot is not a group's output; never both
+                    raise AssertionError(name)
+                with torch.enable_grad():
+                    value = metric(model.bridge.run_with_hooks(clean, fwd_hooks=hooks), idx).sum()
+                    if not value.requires_grad:  # the slot's node feeds only the group held fixed
+                        continue
+                    (grad,) = torch.autograd.grad(value, eps, allow_unused=True)
+                total += 0.0 if grad is None else float(grad) / len(clean)
+    return total / (len(groups) * steps)
+
+
+@pytest.mark.parametrize("builder", ["tiny-gpt2", "tiny-pythia", "tiny-llama"])
+def test_eap_ig_activations_variant(builder: str) -> None:
+    model = fresh_tiny(builder)
+    graph = EdgeGraph(graph_shape(model))
+    clean, corrupted = random_pair(6)
+    eap = eap_scores(model, graph, clean, corrupted, last_pos_metric, batch_size=3)
+    act1 = eap_scores(
+        model, graph, clean, corrupted, last_pos_metric, 3, ig_steps=1, ig_variant="activations"
+    )
+    into_logits = graph.real.clone()
+    into_logits[:, :-1] = False
+    # one step: the edges into the logits get EAP's scores exactly; other edges see the gradient with one
+    # group of outputs held fixed in each run, so they differ
+    torch.testing.assert_close(act1[into_logits], eap[into_logits], rtol=0, atol=1e-9)
+    others = graph.real & ~into_logits
+    assert not torch.allclose(act1[others], eap[others])
+    act2 = eap_scores(
+        model, graph, clean, corrupted, last_pos_metric, 2, ig_steps=2, ig_variant="activations"
+    )
+    for edge in ["input->a1.h0<k>", "a0.h1->m1", "m0->a1.h2<q>"]:
+        i, j = graph.edge_index(edge)
+        hand = hand_ig_activations(model, clean, corrupted, last_pos_metric, edge, 2)
+        assert abs(float(act2[i, j]) - hand) < 1e-9, edge
+
+
+def test_ig_variant_checked() -> None:
+    model = fresh_tiny("tiny-gpt2")
+    graph = EdgeGraph(graph_shape(model))
+    clean, corrupted = random_pair(0)
+    with pytest.raises(Exception, match="method.ig_variant"):
+        eap_scores(model, graph, clean, corrupted, last_pos_metric, ig_steps=2, ig_variant="layers")
+
+
+@pytest.mark.parametrize("builder", FAMILIES)
+def test_graph_dims_from_config_equal_loaded_model(builder: str) -> None:
+    """``stage=discover method=acc`` takes the graph's shape from config.json without loading weights."""
+    from attncomm.models.dimensions import graph_dims
+
+    dims = graph_dims(tiny_model_config(builder), test_cache_dir())
+    assert dims is not None
+    shape = graph_shape(fresh_tiny(builder))
+    assert (dims.n_layers, dims.n_heads, dims.parallel_attn, dims.d_model) == (
+        shape.n_layers,
+        shape.n_heads,
+        shape.parallel_attn,
+        shape.d_model,
+    )

@@ -121,7 +121,9 @@ def test_stages_on_toy_ioi(tmp_path: Path) -> None:
     # ACC: a hand-made pruned graph in the run directory, mapped and evaluated like the others
     write_graph(_acc_graph(), ctx.artifacts.pruned_graph(cfg.compare.threshold))
     cfg.method.name = "acc"
-    run_discover(cfg, ctx)
+    acc_ctx = RunContext.for_tests(cfg, run_dir)
+    run_discover(cfg, acc_ctx)
+    assert "model" not in vars(acc_ctx)  # the graph's shape came from config.json, no weights loaded
     acc = read_mib_json(edges_json(run_dir, "acc", "toy-ioi", "ioi"))
     g = acc.graph
     in_graph = {g.edge_name(i, j) for i, j in (acc.in_graph & g.real).nonzero().tolist()}

@@ -92,3 +92,28 @@ def model_dims(cfg: ModelConfig, cache_dir: str | Path) -> ModelDims:
     if cfg.short_name in PUBLISHED_D_HEAD:
         return ModelDims(PUBLISHED_D_HEAD[cfg.short_name], n_layers, n_heads, "published value (section 9)")
     return ModelDims(None, n_layers, n_heads, "")
+
+
+@dataclass(frozen=True)
+class GraphDims:
+    """What fixes a model's edge graph, read from its ``config.json``: layers, query heads, whether
+    attention and MLP run in parallel (GPT-NeoX's ``use_parallel_residual``), and ``d_model``."""
+
+    n_layers: int
+    n_heads: int
+    parallel_attn: bool
+    d_model: int
+
+
+def graph_dims(cfg: ModelConfig, cache_dir: str | Path) -> GraphDims | None:
+    """The edge-graph dimensions of ``cfg``'s model from its ``config.json`` on disk (no weights loaded),
+    or None when the file is not at hand or lacks a key (then load the model)."""
+    hf = model_config_json(cfg, cache_dir)
+    if hf is None:
+        return None
+    _, n_layers, n_heads = dims_from_config(hf)
+    d_model = hf.get("n_embd", hf.get("hidden_size", hf.get("d_model")))
+    if not (n_layers and n_heads and d_model):
+        return None
+    parallel = hf.get("model_type") == "gpt_neox" and bool(hf.get("use_parallel_residual", True))
+    return GraphDims(int(n_layers), int(n_heads), parallel, int(d_model))

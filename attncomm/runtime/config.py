@@ -194,7 +194,9 @@ class MethodConfig:
     """The circuit-discovery method of stage=discover / stage=evaluate (method=eap|eap-ig|exact|acc)."""
 
     name: str = "eap"  # eap | eap-ig | exact | acc
-    ig_steps: int = 5  # eap-ig: integration steps on the inputs (EAP-IG's default)
+    ig_steps: int = 5  # eap-ig: integration steps (EAP-IG's default)
+    #: eap-ig: integrate over the inputs (embeddings, EAP-IG's default) or every layer's activations
+    ig_variant: str = "inputs"
     batch_size: int | None = None  # None: task.batch_size
     #: the circuit written as ``in_graph`` of the edges JSON: topn | greedy (budget % of edges) | threshold
     select: str = "topn"

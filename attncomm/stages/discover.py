@@ -14,19 +14,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attncomm.core.edge_graph import EdgeGraph, check_budget, select
+from attncomm.core.edge_graph import EdgeGraph, GraphShape, check_budget, select
 from attncomm.errors import ConfigError
 from attncomm.io.graphml import read_graph
 from attncomm.io.mib_json import EdgeCircuit, write_mib_json
 from attncomm.methods.acc_edges import map_acc_graph
 from attncomm.methods.circuit_sources import check_method, edges_json
 from attncomm.methods.edge_patching import (
+    IG_VARIANTS,
     check_supported,
     eap_scores,
     exact_scores,
     graph_shape,
     make_ablation,
 )
+from attncomm.models.dimensions import graph_dims
 from attncomm.runtime.config import AppConfig
 from attncomm.runtime.registry import RunContext, register_stage
 
@@ -51,9 +53,12 @@ def task_metric(ctx: RunContext):
 
 
 def check_selection(cfg: AppConfig) -> None:
-    """Validate ``method.select`` / ``method.budget`` before any work."""
+    """Validate ``method.select`` / ``method.budget`` / ``method.ig_variant`` before any work."""
     if cfg.method.select not in ("topn", "greedy", "threshold"):
         raise ConfigError(f"method.select={cfg.method.select!r} is not one of topn, greedy, threshold")
+    if cfg.method.ig_variant not in IG_VARIANTS:
+        choices = ", ".join(IG_VARIANTS)
+        raise ConfigError(f"method.ig_variant={cfg.method.ig_variant!r} is not one of {choices}")
     if cfg.method.select != "threshold":
         check_budget(cfg.method.budget, "method.budget")
 
@@ -76,14 +81,24 @@ def acc_scores(cfg: AppConfig, ctx: RunContext, graph: EdgeGraph) -> tuple[Tenso
     return scores, circuit, meta
 
 
+def discover_shape(cfg: AppConfig, ctx: RunContext, method: str) -> GraphShape:
+    """The edge graph's shape: for ``acc`` (which only maps recorded graphs) from the model's
+    ``config.json`` without loading the weights when it is at hand, else from the loaded model."""
+    if method == "acc":
+        dims = graph_dims(cfg.model, ctx.cache_dir)
+        if dims is not None:
+            return GraphShape(dims.n_layers, dims.n_heads, dims.parallel_attn, dims.d_model)
+    model = ctx.model
+    check_supported(model)
+    return graph_shape(model)
+
+
 @register_stage("discover", consumes=(), produces=("edge_scores",), needs_model=True)
 def run_discover(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     """Score every edge with the chosen method and write the MIB / EAP-IG JSON."""
     method = check_method(cfg.method.name)
     check_selection(cfg)
-    model = ctx.model
-    check_supported(model)
-    graph = EdgeGraph(graph_shape(model))
+    graph = EdgeGraph(discover_shape(cfg, ctx, method))
     meta: dict[str, Any] = {
         "method": method,
         "model": ctx.model_short,
@@ -96,14 +111,20 @@ def run_discover(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
         scores, in_graph, extra = acc_scores(cfg, ctx, graph)
         meta.update(extra)
     else:
+        model = ctx.model
         prompts = ctx.prompts
         corrupted = prompts.require_corrupted(f"method={method}")
         metric = task_metric(ctx)
         bs = batch_size(cfg)
         if method in ("eap", "eap-ig"):
             steps = 1 if method == "eap" else int(cfg.method.ig_steps)
-            scores = eap_scores(model, graph, prompts.tokens, corrupted, metric, bs, steps, progress=True)
+            variant = "inputs" if method == "eap" else str(cfg.method.ig_variant)
+            scores = eap_scores(
+                model, graph, prompts.tokens, corrupted, metric, bs, steps, progress=True, ig_variant=variant
+            )
             meta["ig_steps"] = steps
+            if method == "eap-ig":
+                meta["ig_variant"] = variant
         else:
             if graph.n_edges > EXACT_WARN_EDGES:
                 log.warning(
@@ -115,7 +136,9 @@ def run_discover(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
             ablation = make_ablation(
                 cfg.evaluate.ablation, model, graph, prompts.tokens, prompts.lengths, corrupted, bs
             )
-            scores = exact_scores(model, graph, prompts.tokens, ablation, metric, bs, progress=True)
+            scores = exact_scores(
+                model, graph, prompts.tokens, ablation, metric, bs, progress=True, positions=prompts.end
+            )
             meta["ablation"] = cfg.evaluate.ablation
         value = cfg.method.threshold if cfg.method.select == "threshold" else cfg.method.budget
         in_graph = select(graph, scores, cfg.method.select, value, cfg.method.absolute)

@@ -130,7 +130,15 @@ def run_evaluate(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
         cfg.evaluate.ablation, model, graph, prompts.tokens, prompts.lengths, corrupted, bs
     )
     values = evaluate_circuits(
-        model, graph, prompts.tokens, ablation, [c[2] for c in circuits], task_metric(ctx), bs, progress=True
+        model,
+        graph,
+        prompts.tokens,
+        ablation,
+        [c[2] for c in circuits],
+        task_metric(ctx),
+        bs,
+        progress=True,
+        positions=prompts.end,  # every task's metric reads the logits at ``end`` only
     ).tolist()
     clean_m, empty_m = values[0], values[1]
     rows = []
