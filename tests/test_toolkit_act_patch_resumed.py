@@ -58,7 +58,9 @@ def test_plain_forward_resumes_where_the_full_run_is() -> None:
     w = rf.stack_weights(model)
     tokens = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
     cache = rf.forward_cache(w, tokens)
-    torch.testing.assert_close(rf.unembed(w, cache.resid[-1]), model.run_with_hooks(tokens, []), rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        rf.unembed(w, cache.resid[-1]), model.run_with_hooks(tokens, []), rtol=0, atol=1e-9
+    )
     # runs entering at layers 1 and 2 (and after the last block), from position 4, rows swapped
     rows, at = torch.tensor([1, 0]), torch.tensor([4, 1])
     entries = [(start, cache.resid[start][rows, 4:], rows, at) for start in (1, 2, w.n_layers)]

@@ -166,7 +166,9 @@ def patched_metrics(
         if w is not None:
             return resumed_z_metrics(w, task, prompts, base_tokens, source_tokens, cells, max_batch, progress)
         logger.info("act_patch z on %s: hook path (%s)", model.cfg.name, why)
-    return hooked_metrics(model, task, prompts, base_tokens, source_tokens, kind, cells, max_batch, progress, extra_hooks)
+    return hooked_metrics(
+        model, task, prompts, base_tokens, source_tokens, kind, cells, max_batch, progress, extra_hooks
+    )
 
 
 def hooked_metrics(
@@ -274,7 +276,9 @@ def resumed_z_metrics(
         jobs, desc="patch z (resumed)", disable=not progress or len(jobs) < 2, leave=False
     ):
         with torch.no_grad():
-            finals[chunk] = _resumed_finals(w, base, source_z, [cells[j] for j in chunk], p0, every_pos, end, needed)
+            finals[chunk] = _resumed_finals(
+                w, base, source_z, [cells[j] for j in chunk], p0, every_pos, end, needed
+            )
     out = []
     with torch.no_grad():
         for start in range(0, len(cells), per_pass):  # unembed many cells at once (one pass over W_U)

@@ -79,7 +79,9 @@ def unsupported_reason(model: ModelAdapter) -> str | None:
         "softcaps": a.attn_softcap is not None or a.final_softcap is not None,
         "grouped keys/values": a.n_kv_heads != a.n_heads,
         "a scaled embedding": a.embed_scale != 1.0,
-        "float32 attention upcast": bool(getattr(model.bridge.blocks[0].attn, "_reorder_and_upcast_attn", False)),
+        "float32 attention upcast": bool(
+            getattr(model.bridge.blocks[0].attn, "_reorder_and_upcast_attn", False)
+        ),
         "no learned positions": getattr(c, "positional_embedding_type", "standard") != "standard",
         "an MLP without a plain activation": _activation(model) is None,
     }
@@ -113,7 +115,9 @@ def stack_weights(model: ModelAdapter) -> StackWeights:
         return StackWeights(
             W_QKV=torch.cat([heads_flat(w.W_Q), heads_flat(w.W_K), heads_flat(w.W_V)], dim=-1).contiguous(),
             b_QKV=torch.cat([bias_flat(w.b_Q), bias_flat(w.b_K), bias_flat(w.b_V)], dim=-1).contiguous(),
-            W_O=einops.rearrange(w.W_O, "layer head d_head d_model -> layer (head d_head) d_model").contiguous(),
+            W_O=einops.rearrange(
+                w.W_O, "layer head d_head d_model -> layer (head d_head) d_model"
+            ).contiguous(),
             b_O=w.b_O,
             W_in=b.W_in.detach().clone(),
             b_in=b.b_in.detach().clone(),
@@ -249,8 +253,14 @@ def resume(
     for layer in range(entries[0][0] if entries else L, L):
         while k < len(entries) and entries[k][0] == layer:
             _, r, i, a = entries[k]
-            resid, rows, at = (r, i, a) if resid is None else (
-                torch.cat([resid, r]), torch.cat([rows, i]), torch.cat([at, a])  # type: ignore[list-item]
+            resid, rows, at = (
+                (r, i, a)
+                if resid is None
+                else (
+                    torch.cat([resid, r]),
+                    torch.cat([rows, i]),
+                    torch.cat([at, a]),  # type: ignore[list-item]
+                )
             )
             k += 1
         if resid is None:
@@ -275,12 +285,15 @@ def unembed(w: StackWeights, resid: Float[Tensor, "... d_model"]) -> Float[Tenso
 def matches_bridge(
     model: ModelAdapter, w: StackWeights, tokens: Int[Tensor, "batch pos"], positions: Int[Tensor, " batch"]
 ) -> bool:
-    """Whether this forward's logits at ``positions`` equal the bridge's (float64: 1e-9, else 1e-4 relative)."""
+    """Whether this forward's logits at ``positions`` equal the bridge's (float64: 1e-9, else 1e-4,
+    relative to the largest logit)."""
     with torch.no_grad():
         theirs = model.run_with_hooks(tokens, [])
         rows = torch.arange(tokens.shape[0], device=theirs.device)
         theirs = theirs[rows, positions.to(theirs.device)]
-        ours = unembed(w, forward_cache(w, tokens.to(w.W_E.device)).resid[-1][rows, positions])
+        dev = w.W_E.device
+        final = forward_cache(w, tokens.to(dev)).resid[-1]
+        ours = unembed(w, final[rows.to(dev), positions.to(dev)])
     tol = 1e-9 if w.W_E.dtype == torch.float64 else 1e-4
     scale = 1.0 + float(theirs.abs().max())
     return bool((ours - theirs.to(ours.dtype)).abs().max() <= tol * scale)
