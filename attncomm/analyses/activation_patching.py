@@ -5,10 +5,16 @@ corrupted prompts and patches in the clean activation of the cell; noising runs 
 patches in the corrupted one. The result is normalised so that 0 is the corrupted run's metric and 1
 the clean run's (the ratio of prompt means), in both directions.
 
-Batching: the base prompts are repeated ``m`` times along the batch dimension and copy ``j`` patches
-cell ``j`` (one hook per layer touched, each writing only its copies), so one forward pass evaluates
-``m`` cells; ``m = max_batch // n_prompts``. TransformerLens's ``transformer_lens.patching`` runs one
-forward per cell (``generic_activation_patch``) and is used as the speed baseline (``make bench``).
+Two paths with the same results. Head outputs (``z``) of GPT-2-style models take the *resumed* path
+(:func:`resumed_z_metrics`): the base and source runs are computed once by a plain forward
+(:mod:`attncomm.analyses.resumable_forward`) and each cell reruns only what the patch can change --
+the patched position at its layer, then the later blocks on the positions from the patched one on
+(earlier positions' keys/values from the cached base run) -- and unembeds only at ``end``. Everything
+else takes the *hook* path (:func:`hooked_metrics`): the base prompts are repeated ``m`` times along
+the batch dimension and copy ``j`` patches cell ``j`` (one hook per layer touched, each writing only
+its copies), so one bridge forward pass evaluates ``m = max_batch // n_prompts`` cells.
+TransformerLens's ``transformer_lens.patching`` runs one forward per cell
+(``generic_activation_patch``) and is used as the speed baseline (``make bench``).
 
 Kinds and hooks (``blocks.{layer}.``): ``resid_pre``, ``attn_out``, ``mlp_out`` (``[batch pos d_model]``;
 head None), ``z`` (head outputs ``attn.hook_z``), ``q``, ``k``, ``v`` (``attn.hook_q/k/v``, before
