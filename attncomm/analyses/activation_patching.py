@@ -262,8 +262,11 @@ def resumed_z_metrics(
     at ``p`` (only its MLP input there), and later layers only at positions ``>= p`` (causal
     attention), whose queries read the base run's cached keys/values of the positions before ``p``.
     So a cell costs blocks ``L+1..`` on positions ``p..max(end)`` plus one MLP row, and the metric
-    needs the logits only at ``end``. Cells sharing ``(L, p)`` run together, ``max_batch // n_prompts``
-    per pass (cells x prompts along the batch). ``pos`` None patches every position (from 0).
+    needs the logits only at ``end``. Cells with the same ``p`` run as one batch (cells x prompts along
+    the batch dimension, at most ``max_batch // n_prompts`` cells) that enters the stack layer by
+    layer: the cells of layer ``L`` join it after block ``L`` (:func:`resumable_forward.resume`).
+    The final residuals of all cells are unembedded together, ``max_batch`` rows per product.
+    ``pos`` None patches every position (from 0).
     """
     n = len(prompts)
     dev = w.W_E.device
