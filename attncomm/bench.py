@@ -369,7 +369,7 @@ def _run_act_patch(args: Any) -> int:
     )
     result["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     sys.stdout.write(json.dumps(result) + "\n")
-    return 0
+    return 0 if result["agrees_with_tl"] else 1
 
 
 if __name__ == "__main__":
