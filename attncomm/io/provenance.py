@@ -20,12 +20,14 @@ second the first time and nothing afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -216,7 +218,13 @@ def check_key(
         diff = differences(recorded, key)
         if not diff:
             return True
-    raise StaleArtifactError(
+    raise StaleArtifactError(stale_message(what, folder, diff, overwrite_option, run_dir))
+
+
+def stale_message(what: str, folder: Path, diff: list[str], overwrite_option: str, run_dir: Path) -> str:
+    """The one message of a :class:`StaleArtifactError`: what, where, every differing setting, the two
+    ways out."""
+    return (
         f"{what} in {folder} were made with other settings than this job's: {'; '.join(diff)}. "
         f"Either recompute them here with {overwrite_option}=true, or write to a new run directory "
         f"with paths.run_dir=NEW_DIR (run directory now: {run_dir})."
@@ -285,3 +293,260 @@ def require_trace_inputs_match(cfg: Any, folder: Path, stage: str, *, include_mo
             f"{'; '.join(diff)}. Use this job's settings, retrace with trace.overwrite=true, or write to "
             "a new run directory with paths.run_dir=NEW_DIR"
         )
+
+
+# ----------------------------------------------------------------------------- stage keys
+#
+# Every stage that writes an artifact a later stage reads from disk records the key of its outputs:
+# the keys of the stages whose outputs it read (down to the trace's model, task and trace settings),
+# or, for a stage that reads the model itself, the model, task and dtype; plus its own settings.
+# Settings that only choose a file's name (``compare.threshold``: one CSV per threshold) are left out,
+# so a sweep over them shares one key; settings that change only speed or memory are left out too.
+
+#: settings that change how fast or in which pieces a stage runs, never what it writes
+OPERATIONAL = frozenset(
+    {"overwrite", "batch_size", "max_batch", "shard", "n_shards", "merge", "max_memory_gb"}
+)
+
+#: the analysis-toolkit stages (outputs in ``analyses/{stage}/``, settings in the section of that name)
+TOOLKIT_STAGES = ("dla", "logit_lens", "act_patch", "path_patch", "ablate", "attr_patch", "heads", "qk_ov")
+
+
+@dataclass(frozen=True)
+class StageKeySpec:
+    """What identifies one stage's outputs and where they and their record are."""
+
+    #: stages whose outputs on disk this stage reads (their keys are part of its key)
+    inputs: tuple[str, ...] = ()
+    #: config sections (``"prune"``) or single settings (``"interventions.threshold"``) that shape them
+    settings: tuple[str, ...] = ()
+    #: settings of those sections that only name the files (one file per value)
+    excluded: tuple[str, ...] = ()
+    #: the stage reads the model and the task's prompts itself
+    model: bool = False
+    #: the folder of its outputs and its record, from the run context
+    folder: Callable[[Any], Path] = lambda ctx: ctx.run_dir
+    #: glob of its output files in ``folder``
+    pattern: str = "*"
+    #: file name of its record in ``folder``
+    record: str = PROVENANCE_FILE
+
+
+def _method_dir(ctx: Any) -> Path:
+    from attncomm.methods.circuit_sources import method_dir
+
+    return method_dir(ctx.run_dir, ctx.cfg.method.name)
+
+
+STAGE_KEYS: dict[str, StageKeySpec] = {
+    "unify": StageKeySpec(
+        ("trace",), ("unify",), folder=lambda ctx: ctx.artifacts.combined_graphs_dir, pattern="*.graphml"
+    ),
+    "interventions": StageKeySpec(
+        ("unify",),
+        ("interventions",),
+        excluded=("interventions.threshold",),
+        pattern="interventions_graph_*.graphml",
+        record="interventions_graph.provenance.json",
+    ),
+    "prune": StageKeySpec(
+        ("interventions",),
+        ("prune", "interventions.threshold"),
+        folder=lambda ctx: ctx.artifacts.pruned_graphs_dir,
+        pattern="*.graphml",
+    ),
+    "compare": StageKeySpec(
+        ("prune",),
+        ("compare",),
+        excluded=("compare.threshold",),
+        folder=lambda ctx: ctx.artifacts.comparison_dir,
+        pattern="*.csv",
+    ),
+    "experiments": StageKeySpec(
+        ("unify",), ("experiments",), folder=lambda ctx: ctx.artifacts.intervention_data.parent
+    ),
+    "sparsity": StageKeySpec(
+        ("trace",), ("sparsity",), folder=lambda ctx: ctx.artifacts.stage_dir("sparsity")
+    ),
+    "control_signals": StageKeySpec(
+        (), ("control_signals",), model=True, folder=lambda ctx: ctx.artifacts.stage_dir("control_signals")
+    ),
+    "export": StageKeySpec(
+        ("prune", "unify", "trace"),
+        ("export",),
+        excluded=("export.thresholds",),
+        folder=lambda ctx: ctx.artifacts.stage_dir("export"),
+        pattern="*/*",
+    ),
+    "discover": StageKeySpec(
+        (),
+        ("method",),
+        model=True,
+        folder=_method_dir,
+        pattern="*_edges.json",
+        record="edges.provenance.json",
+    ),
+    "evaluate": StageKeySpec(
+        ("discover",),
+        ("evaluate",),
+        folder=_method_dir,
+        pattern="*_faithfulness.csv",
+        record="faithfulness.provenance.json",
+    ),
+} | {
+    name: StageKeySpec((), (name,), model=True, folder=lambda ctx, name=name: ctx.run_dir / "analyses" / name)
+    for name in TOOLKIT_STAGES
+}
+
+
+def _setting(cfg: Any, dotted: str) -> Any:
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _flat(prefix: str, value: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(f"{prefix}.{k}", v))
+        return out
+    return {prefix: value}
+
+
+def stage_inputs(cfg: Any, stage: str) -> tuple[str, ...]:
+    """The stages whose outputs ``stage`` reads from disk with this config (``discover method=acc``
+    maps the pruned ACC graph)."""
+    spec = STAGE_KEYS[stage]
+    if stage == "discover" and cfg.method.name == "acc":
+        return ("prune",)
+    return spec.inputs
+
+
+def stage_settings(cfg: Any, stage: str) -> dict[str, Any]:
+    """``stage``'s own settings in its key (flat dotted names; operational and file-naming ones left out)."""
+    spec = STAGE_KEYS[stage]
+    out: dict[str, Any] = {}
+    for name in spec.settings:
+        out.update(_flat(name, _setting(cfg, name)))
+    if stage == "discover" and cfg.method.name == "acc" and cfg.method.acc_threshold is None:
+        out["compare.threshold"] = cfg.compare.threshold  # the pruned graph it maps
+    if stage == "discover" and cfg.method.name == "exact":
+        out["evaluate.ablation"] = cfg.evaluate.ablation  # how exact patching ablates an edge
+    return {
+        k: v for k, v in out.items() if k.rsplit(".", 1)[-1] not in OPERATIONAL and k not in spec.excluded
+    }
+
+
+def stage_key(cfg: Any, stage: str) -> dict[str, Any]:
+    """The provenance key of ``stage``'s outputs for an :class:`AppConfig`: its inputs' keys (down to
+    the trace's), the model/task/dtype where it reads the model itself, and its own settings."""
+    if stage == "trace":
+        return trace_key(cfg)
+    spec = STAGE_KEYS[stage]
+    key: dict[str, Any] = {}
+    for upstream in stage_inputs(cfg, stage):
+        key.update(stage_key(cfg, upstream))
+    if spec.model:
+        key.update({**model_key(cfg), **task_identity(cfg), "device.dtype": cfg.device.dtype})
+    key.update(stage_settings(cfg, stage))
+    return key
+
+
+def stage_record(ctx: Any, stage: str) -> Path:
+    """Where ``stage``'s key is recorded in the job's run directory."""
+    if stage == "trace":
+        return ctx.artifacts.tracing_results_dir / PROVENANCE_FILE
+    spec = STAGE_KEYS[stage]
+    return spec.folder(ctx) / spec.record
+
+
+def stage_outputs(ctx: Any, stage: str) -> list[Path]:
+    """``stage``'s output files present in the job's run directory (records and temporary files aside)."""
+    spec = STAGE_KEYS[stage]
+    folder = spec.folder(ctx)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p
+        for p in folder.glob(spec.pattern)
+        if p.is_file() and not p.name.startswith(".") and not p.name.endswith(PROVENANCE_FILE)
+    )
+
+
+def require_stage_inputs_match(cfg: Any, ctx: Any, stage: str) -> None:
+    """Refuse inputs on disk whose recorded key differs from the one this job's config gives them.
+
+    Inputs without a record (published artifacts copied in, or made by an older version) are accepted.
+    """
+    for upstream in stage_inputs(cfg, stage):
+        path = stage_record(ctx, upstream)
+        if upstream == "trace":
+            require_trace_inputs_match(cfg, path.parent, stage, include_model=False)
+            continue
+        recorded = read_key_file(path)
+        if recorded is None:
+            continue
+        expected = stage_key(cfg, upstream)
+        diff = differences({k: recorded.get(k) for k in expected}, expected)
+        if diff:
+            raise StaleArtifactError(
+                f"{stage}: the {upstream} outputs in {path.parent} were made with other settings than "
+                f"this job's: {'; '.join(diff)}. Use this job's settings, recompute them here with "
+                f"stage={upstream} overwrite=true, or write to a new run directory with "
+                f"paths.run_dir=NEW_DIR (run directory now: {ctx.run_dir})"
+            )
+
+
+def guard_stage_outputs(cfg: Any, ctx: Any, stage: str) -> dict[str, Any]:
+    """Before ``stage`` writes: check its inputs' keys, then its existing outputs' key, and record its own.
+
+    Existing outputs made with another key are refused (:class:`StaleArtifactError`: the differing
+    settings, ``overwrite=true`` or a new ``paths.run_dir``); with ``overwrite=true`` they are deleted,
+    so no output of the old settings survives beside the new ones. Outputs without a record are
+    replaced (the stage recomputes every output; nothing of them is reused). Returns the key.
+    """
+    require_stage_inputs_match(cfg, ctx, stage)
+    key = stage_key(cfg, stage)
+    path = stage_record(ctx, stage)
+    outputs = stage_outputs(ctx, stage)
+    recorded = read_key_file(path)
+    if outputs and recorded is not None:
+        diff = differences(recorded, key)
+        if diff and not getattr(cfg, "overwrite", False):
+            raise StaleArtifactError(
+                stale_message(f"{stage} outputs", path.parent, diff, "overwrite", ctx.run_dir)
+            )
+        if diff:
+            log.warning(
+                "%s: overwrite=true: deleting %d outputs in %s made with other settings (%s)",
+                stage,
+                len(outputs),
+                path.parent,
+                "; ".join(diff),
+            )
+            for p in outputs:
+                p.unlink()
+    elif outputs:
+        log.info(
+            "%s: %d outputs in %s have no provenance record; they are recomputed",
+            stage,
+            len(outputs),
+            path.parent,
+        )
+    write_key_file(path, key)
+    return key
+
+
+def stage_outputs_current(cfg: Any, ctx: Any, stage: str) -> bool:
+    """Whether ``stage``'s recorded key (if any) is the one this config gives (the pipeline's check)."""
+    if stage != "trace" and stage not in STAGE_KEYS:
+        return True
+    recorded = read_key_file(stage_record(ctx, stage))
+    if recorded is None:
+        return True
+    expected = stage_key(cfg, stage)
+    return not differences({k: recorded.get(k) for k in expected}, expected)

@@ -57,11 +57,14 @@ def stage_sections(order: list[StageSpec], stage: str) -> tuple[str, ...]:
 def is_up_to_date(ctx: RunContext, stage: str, sections: tuple[str, ...]) -> bool:
     """Whether the manifest records ``stage`` with the same relevant config and all its files exist."""
     from attncomm.io.manifest import read_manifest
+    from attncomm.io.provenance import stage_outputs_current
 
     entry = read_manifest(ctx.run_dir).get("stages", {}).get(stage)
     if not entry or fingerprint(entry.get("config", {}), sections) != fingerprint(ctx.config_dict, sections):
         return False
-    return all((ctx.run_dir / f).exists() for f in entry.get("files", []))
+    if not all((ctx.run_dir / f).exists() for f in entry.get("files", [])):
+        return False
+    return stage_outputs_current(ctx.cfg, ctx, stage)  # its outputs' provenance key is this config's
 
 
 @register_stage("pipeline")

@@ -45,7 +45,7 @@ from attncomm.core.term_statistics import (
 from attncomm.errors import AttncommError
 from attncomm.io.artifacts import RUN_DIR_GLOB, atomic_write_text, write_table
 from attncomm.io.completeness import require_complete_trace
-from attncomm.io.provenance import StaleArtifactError, require_trace_inputs_match
+from attncomm.io.provenance import StaleArtifactError, guard_stage_outputs, require_trace_inputs_match
 from attncomm.io.results import read_term_lengths, result_files
 from attncomm.models.dimensions import dims_from_config, model_dims
 from attncomm.runtime.config import AppConfig
@@ -104,6 +104,7 @@ def run_sparsity(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     require_trace_inputs_match(cfg, arts.tracing_results_dir, "sparsity", include_model=False)
     require_complete_trace(arts, cfg.model.name, "sparsity", cfg.allow_partial)
     files = result_files(arts)
+    guard_stage_outputs(cfg, ctx, "sparsity")
     lengths = read_term_lengths(files)
     rows = lengths.rows
     if not rows:
