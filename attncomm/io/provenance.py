@@ -324,12 +324,13 @@ class StageKeySpec:
     excluded: tuple[str, ...] = ()
     #: the stage reads the model and the task's prompts itself
     model: bool = False
-    #: the folder of its outputs and its record, from the run context
+    #: the folder of its outputs, from the run context
     folder: Callable[[Any], Path] = lambda ctx: ctx.run_dir
     #: glob of its output files in ``folder``
     pattern: str = "*"
-    #: file name of its record in ``folder``
-    record: str = PROVENANCE_FILE
+    #: name of its record in ``{run_dir}/provenance/`` (without ``.json``), from the run context;
+    #: None: the stage's name
+    record: Callable[[Any], str] | None = None
 
 
 def _method_dir(ctx: Any) -> Path:
@@ -347,13 +348,13 @@ STAGE_KEYS: dict[str, StageKeySpec] = {
         ("interventions",),
         excluded=("interventions.threshold",),
         pattern="interventions_graph_*.graphml",
-        record="interventions_graph.provenance.json",
     ),
     "prune": StageKeySpec(
         ("interventions",),
         ("prune", "interventions.threshold"),
         folder=lambda ctx: ctx.artifacts.pruned_graphs_dir,
         pattern="*.graphml",
+        record=lambda ctx: f"prune{ctx.artifacts.prune_variant}",
     ),
     "compare": StageKeySpec(
         ("prune",),
@@ -361,6 +362,7 @@ STAGE_KEYS: dict[str, StageKeySpec] = {
         excluded=("compare.threshold",),
         folder=lambda ctx: ctx.artifacts.comparison_dir,
         pattern="*.csv",
+        record=lambda ctx: f"compare{ctx.artifacts.prune_variant}",
     ),
     "experiments": StageKeySpec(
         ("unify",), ("experiments",), folder=lambda ctx: ctx.artifacts.intervention_data.parent
@@ -384,14 +386,14 @@ STAGE_KEYS: dict[str, StageKeySpec] = {
         model=True,
         folder=_method_dir,
         pattern="*_edges.json",
-        record="edges.provenance.json",
+        record=lambda ctx: f"discover-{ctx.cfg.method.name}",
     ),
     "evaluate": StageKeySpec(
         ("discover",),
         ("evaluate",),
         folder=_method_dir,
         pattern="*_faithfulness.csv",
-        record="faithfulness.provenance.json",
+        record=lambda ctx: f"evaluate-{ctx.cfg.method.name}",
     ),
 } | {
     name: StageKeySpec((), (name,), model=True, folder=lambda ctx, name=name: ctx.run_dir / "analyses" / name)
@@ -441,27 +443,64 @@ def stage_settings(cfg: Any, stage: str) -> dict[str, Any]:
     }
 
 
-def stage_key(cfg: Any, stage: str) -> dict[str, Any]:
+def model_key_or_name(cfg: Any) -> dict[str, Any]:
+    """:func:`model_key`, or ``{"model.name": ...}`` where the weights cannot be found (a stage that does
+    not load the model may run on published artifacts without them)."""
+    try:
+        return model_key(cfg)
+    except (AttncommError, ValueError, OSError) as err:
+        log.debug("model identity of %s unavailable (%s): keyed by its name", cfg.model.name, err)
+        return {"model.name": cfg.model.name}
+
+
+#: the keys that identify the model itself (the weights, or the hub id, or only the name)
+MODEL_IDENTITY = ("model.weights", "model.config", "model.hf_name", "model.revision", "model.name")
+
+
+def traced_key(cfg: Any, ctx: Any = None) -> dict[str, Any]:
+    """The trace's key as a later stage sees it: the model identity recorded beside the tracing results
+    where there is a record (else :func:`model_key_or_name`), with ``cfg``'s task and trace settings.
+
+    So a stage that does not load the model keys its outputs by the weights that were traced and never
+    needs the weights itself, while every task or trace setting of the job is in its key."""
+    model: dict[str, Any] | None = None
+    if ctx is not None:
+        recorded = read_key_file(ctx.artifacts.tracing_results_dir / PROVENANCE_FILE)
+        if recorded is not None:
+            model = {k: recorded[k] for k in MODEL_IDENTITY if k in recorded}
+    if model is None:
+        model = model_key_or_name(cfg)
+    return {**model, **task_identity(cfg), **trace_settings(cfg)}
+
+
+def stage_key(cfg: Any, stage: str, ctx: Any = None) -> dict[str, Any]:
     """The provenance key of ``stage``'s outputs for an :class:`AppConfig`: its inputs' keys (down to
-    the trace's), the model/task/dtype where it reads the model itself, and its own settings."""
+    the trace's: :func:`traced_key`, recorded in ``ctx``'s run directory if given), the model/task/dtype
+    where it reads the model itself, and its own settings."""
     if stage == "trace":
-        return trace_key(cfg)
+        return traced_key(cfg, ctx)
     spec = STAGE_KEYS[stage]
     key: dict[str, Any] = {}
     for upstream in stage_inputs(cfg, stage):
-        key.update(stage_key(cfg, upstream))
+        key.update(stage_key(cfg, upstream, ctx))
     if spec.model:
         key.update({**model_key(cfg), **task_identity(cfg), "device.dtype": cfg.device.dtype})
     key.update(stage_settings(cfg, stage))
     return key
 
 
+#: the folder of the run directory holding the stages' records (the published folders stay as published)
+RECORDS_DIR = "provenance"
+
+
 def stage_record(ctx: Any, stage: str) -> Path:
-    """Where ``stage``'s key is recorded in the job's run directory."""
+    """Where ``stage``'s key is recorded: ``{run_dir}/provenance/{stage}.json`` (``prune_nmin3``,
+    ``discover-eap``: one per outputs folder); the trace's beside the tracing results."""
     if stage == "trace":
         return ctx.artifacts.tracing_results_dir / PROVENANCE_FILE
     spec = STAGE_KEYS[stage]
-    return spec.folder(ctx) / spec.record
+    name = spec.record(ctx) if spec.record is not None else stage
+    return ctx.run_dir / RECORDS_DIR / f"{name}.json"
 
 
 def stage_outputs(ctx: Any, stage: str) -> list[Path]:
@@ -470,11 +509,7 @@ def stage_outputs(ctx: Any, stage: str) -> list[Path]:
     folder = spec.folder(ctx)
     if not folder.is_dir():
         return []
-    return sorted(
-        p
-        for p in folder.glob(spec.pattern)
-        if p.is_file() and not p.name.startswith(".") and not p.name.endswith(PROVENANCE_FILE)
-    )
+    return sorted(p for p in folder.glob(spec.pattern) if p.is_file() and not p.name.startswith("."))
 
 
 def require_stage_inputs_match(cfg: Any, ctx: Any, stage: str) -> None:
@@ -490,11 +525,12 @@ def require_stage_inputs_match(cfg: Any, ctx: Any, stage: str) -> None:
         recorded = read_key_file(path)
         if recorded is None:
             continue
-        expected = stage_key(cfg, upstream)
+        expected = stage_key(cfg, upstream, ctx)
         diff = differences({k: recorded.get(k) for k in expected}, expected)
         if diff:
             raise StaleArtifactError(
-                f"{stage}: the {upstream} outputs in {path.parent} were made with other settings than "
+                f"{stage}: the {upstream} outputs in {STAGE_KEYS[upstream].folder(ctx)} (recorded in "
+                f"{path}) were made with other settings than "
                 f"this job's: {'; '.join(diff)}. Use this job's settings, recompute them here with "
                 f"stage={upstream} overwrite=true, or write to a new run directory with "
                 f"paths.run_dir=NEW_DIR (run directory now: {ctx.run_dir})"
@@ -510,22 +546,23 @@ def guard_stage_outputs(cfg: Any, ctx: Any, stage: str) -> dict[str, Any]:
     replaced (the stage recomputes every output; nothing of them is reused). Returns the key.
     """
     require_stage_inputs_match(cfg, ctx, stage)
-    key = stage_key(cfg, stage)
+    key = stage_key(cfg, stage, ctx)
     path = stage_record(ctx, stage)
+    folder = STAGE_KEYS[stage].folder(ctx)
     outputs = stage_outputs(ctx, stage)
     recorded = read_key_file(path)
     if outputs and recorded is not None:
         diff = differences(recorded, key)
         if diff and not getattr(cfg, "overwrite", False):
             raise StaleArtifactError(
-                stale_message(f"{stage} outputs", path.parent, diff, "overwrite", ctx.run_dir)
+                stale_message(f"{stage} outputs", folder, diff, "overwrite", ctx.run_dir)
             )
         if diff:
             log.warning(
                 "%s: overwrite=true: deleting %d outputs in %s made with other settings (%s)",
                 stage,
                 len(outputs),
-                path.parent,
+                folder,
                 "; ".join(diff),
             )
             for p in outputs:
@@ -535,7 +572,7 @@ def guard_stage_outputs(cfg: Any, ctx: Any, stage: str) -> dict[str, Any]:
             "%s: %d outputs in %s have no provenance record; they are recomputed",
             stage,
             len(outputs),
-            path.parent,
+            folder,
         )
     write_key_file(path, key)
     return key
@@ -548,5 +585,9 @@ def stage_outputs_current(cfg: Any, ctx: Any, stage: str) -> bool:
     recorded = read_key_file(stage_record(ctx, stage))
     if recorded is None:
         return True
-    expected = stage_key(cfg, stage)
+    if stage == "trace":  # the weights where they can be found (else the rest of the key)
+        expected = {**model_key_or_name(cfg), **task_identity(cfg), **trace_settings(cfg)}
+        expected.pop("model.name", None)
+    else:
+        expected = stage_key(cfg, stage, ctx)
     return not differences({k: recorded.get(k) for k in expected}, expected)

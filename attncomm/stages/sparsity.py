@@ -104,7 +104,6 @@ def run_sparsity(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     require_trace_inputs_match(cfg, arts.tracing_results_dir, "sparsity", include_model=False)
     require_complete_trace(arts, cfg.model.name, "sparsity", cfg.allow_partial)
     files = result_files(arts)
-    guard_stage_outputs(cfg, ctx, "sparsity")
     lengths = read_term_lengths(files)
     rows = lengths.rows
     if not rows:
@@ -137,6 +136,7 @@ def run_sparsity(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
         d_head_source,
     )
 
+    guard_stage_outputs(cfg, ctx, "sparsity")
     out = arts.stage_dir("sparsity")
     stem = arts.stem
     table = df.assign(model=model, task=task, d_head=d_head)
