@@ -1,6 +1,7 @@
 """A job killed with SIGKILL in the middle of a file write, then run again, leaves exactly the
 artifacts of an uninterrupted run; for every stage that writes files (omega, trace, trace_merge,
-unify, interventions, prune, compare, sparsity, experiments, control_signals, export, train). The kill
+unify, interventions, prune, compare, sparsity, experiments, control_signals, export, train, discover,
+evaluate, compare_methods and, for the toolkit stages' shared writer, dla). The kill
 point is deterministic: ``ATTNCOMM_CRASH_AT_WRITE=N`` kills the job between
 writing its N-th temporary file and renaming it into place (see ``attncomm.io.crashpoints``).
 """
@@ -157,6 +158,14 @@ def experiment_edges(unified: Path) -> tuple[str, ...]:
     return ("experiments.threshold=0.0", f"experiments.edges=[{listed}]")
 
 
+@pytest.fixture(scope="module")
+def discovered(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """EAP edge scores of the tiny model (method=eap, the default)."""
+    run_dir = tmp_path_factory.mktemp("crash-methods") / "discovered"
+    in_process("discover", run_dir)
+    return run_dir
+
+
 #: stage -> (which prepared run directory it starts from (None: an empty one), extra overrides)
 STARTS: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "omega": (None, ()),
@@ -171,6 +180,10 @@ STARTS: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "experiments": ("unified", ()),
     "control_signals": (None, ()),
     "train": (None, TRAIN),
+    "discover": (None, ()),
+    "evaluate": ("discovered", ()),
+    "compare_methods": ("discovered", ("compare_methods.methods=[eap]", "compare_methods.literature=false")),
+    "dla": (None, ()),
 }
 
 
@@ -191,6 +204,10 @@ STARTS: dict[str, tuple[str | None, tuple[str, ...]]] = {
         ("experiments", 1),
         ("control_signals", 2),
         ("train", 1),
+        ("discover", 1),
+        ("evaluate", 1),
+        ("compare_methods", 1),
+        ("dla", 2),
     ],
 )
 def test_sigkill_mid_write_then_rerun_gives_identical_artifacts(

@@ -315,7 +315,9 @@ def eap_scores(
         raise EdgePatchingInputError(f"method.ig_steps must be at least 1, got {ig_steps}")
     scores = torch.zeros(graph.n_forward, graph.n_backward, dtype=torch.float64, device=model.device)
     with edge_hooks_enabled(model):
-        for idx in tqdm(_batches(len(clean), batch_size), desc="eap", leave=False, disable=not progress):
+        for idx in tqdm(
+            _batches(len(clean), batch_size), desc="eap", leave=False, disable=None if progress else True
+        ):
             batch_metric = functools.partial(_call_metric, metric, idx)
             _eap_batch(model, graph, clean[idx], corrupted[idx], batch_metric, ig_steps, scores)
     scores = scores.cpu() / len(clean)
@@ -496,7 +498,9 @@ def evaluate_circuits(
         which.append(hit)
     sums = torch.zeros(len(unique), dtype=torch.float64)
     with edge_hooks_enabled(model):
-        for idx in tqdm(_batches(len(clean), batch_size), desc="evaluate", leave=False, disable=not progress):
+        for idx in tqdm(
+            _batches(len(clean), batch_size), desc="evaluate", leave=False, disable=None if progress else True
+        ):
             ablated = ablation.values(model, graph, idx)
             step = _copies(len(idx), copies)
             for start in range(0, len(unique), step):
@@ -529,7 +533,9 @@ def exact_scores(
     sums = torch.zeros(len(pairs), dtype=torch.float64)
     full = graph.full()
     with edge_hooks_enabled(model):
-        for idx in tqdm(_batches(len(clean), batch_size), desc="exact", leave=False, disable=not progress):
+        for idx in tqdm(
+            _batches(len(clean), batch_size), desc="exact", leave=False, disable=None if progress else True
+        ):
             ablated = ablation.values(model, graph, idx)
             with torch.no_grad():
                 base = metric(model.bridge.run_with_hooks(clean[idx].to(model.device), fwd_hooks=[]), idx)
