@@ -287,3 +287,21 @@ def test_cli_stale_prune_outputs_exit_2_with_one_message(chain: Path, tmp_path: 
     errors = [line for line in out.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "prune.step: 0.5 -> 0.25" in errors[0], out.stderr[-3000:]
     assert "overwrite=true" in errors[0] and "paths.run_dir=NEW_DIR" in errors[0]
+
+
+def test_compare_methods_refuses_edge_scores_of_other_prompts(tmp_path: Path) -> None:
+    """compare_methods reads several methods' edge scores (each with its own method settings): the
+    model and prompt settings must still be this job's."""
+    from attncomm.stages.compare_methods import run_compare_methods
+
+    other = config(**{"task.seed": 1})
+    ctx = ctx_for(other, tmp_path / "run")
+    guard_stage_outputs(other, ctx, "discover")  # discover-eap's record, made with task.seed=1
+    edges = ctx.run_dir / "circuits" / "eap" / f"{BUILDER}_ioi_edges.json"
+    edges.parent.mkdir(parents=True, exist_ok=True)
+    edges.write_text("{}")  # refused before it is read
+    cfg = config(**{"compare_methods.methods": ["eap"], "compare_methods.literature": False})
+    with pytest.raises(
+        StaleArtifactError, match=r"compare_methods: .*discover-eap\.json.*task\.seed: 1 -> 0"
+    ):
+        run_compare_methods(cfg, ctx_for(cfg, tmp_path / "run"))

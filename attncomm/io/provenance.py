@@ -591,3 +591,22 @@ def stage_outputs_current(cfg: Any, ctx: Any, stage: str) -> bool:
     else:
         expected = stage_key(cfg, stage, ctx)
     return not differences({k: recorded.get(k) for k in expected}, expected)
+
+
+def require_same_model_and_task(cfg: Any, ctx: Any, stage: str, record: Path, redo: str) -> None:
+    """Refuse an input made for another model, task or prompt settings than this job's, where the
+    input's own method settings may legitimately differ (``compare_methods`` reads the edge scores of
+    several methods, each with its own ``method.*``). Inputs without a record are accepted."""
+    recorded = read_key_file(record)
+    if recorded is None:
+        return
+    expected = {**model_key_or_name(cfg), **task_identity(cfg), "device.dtype": cfg.device.dtype}
+    expected.pop("model.name", None)  # weights not found here: compare the rest
+    diff = differences({k: recorded.get(k) for k in expected}, expected)
+    if diff:
+        raise StaleArtifactError(
+            f"{stage}: the outputs recorded in {record} were made for another model or other prompts "
+            f"than this job's: {'; '.join(diff)}. Use this job's settings, recompute them here with "
+            f"`{redo} overwrite=true`, or write to a new run directory with "
+            f"paths.run_dir=NEW_DIR (run directory now: {ctx.run_dir})"
+        )
