@@ -9,9 +9,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import networkx as nx
 import pytest
 
-from attncomm.io.results import PromptRecord, write_part
+from attncomm.io.graphml import write_graph
+from attncomm.io.results import PromptRecord, write_part, write_results
 from attncomm.runtime.config import package_path
 from tests.conftest import REPO_ROOT
 
@@ -53,6 +55,53 @@ def _args(*args: str) -> Setup:
     return lambda tmp: list(args)
 
 
+def _traced_parts(n_done: int, n_prompts: int, stage: str, *more: str) -> Setup:
+    """A run directory whose trace (recorded with the default settings) has ``n_done`` prompts done."""
+
+    def setup(tmp: Path) -> list[str]:
+        from attncomm.io.provenance import trace_key, write_key
+        from tests.conftest import compose_app
+
+        run_dir = tmp / "run"
+        results = run_dir / "tracing_results"
+        for p in range(n_done):
+            write_part(results, PromptRecord(p, "incorrect", 0, {}))
+        write_key(results, trace_key(compose_app([f"task.n_prompts={n_prompts}"])))
+        return [f"stage={stage}", f"task.n_prompts={n_prompts}", f"paths.run_dir={run_dir}", *more]
+
+    return setup
+
+
+def _empty_results(tmp: Path) -> list[str]:
+    run_dir = tmp / "run"
+    records = [PromptRecord(0, "incorrect", 0, {}), PromptRecord(1, "no_head_seed", 0, {})]
+    write_results(run_dir / "tracing_results" / "toy-ioi_ioi_n2_0.h5", records)
+    return ["stage=sparsity", "task.n_prompts=2", f"paths.run_dir={run_dir}"]
+
+
+def _graph_with_huge_layer(tmp: Path) -> list[str]:
+    run_dir = tmp / "run"
+    G = nx.MultiDiGraph()
+    G.add_edge((10**900, 0, "end", "S1"), ("IO - S", "end"), key=0, weight=1.0, type="d", logit_diff=[0.5])
+    write_graph(G, run_dir / "interventions_graph_toy-ioi_ioi_n4_0_combined_0.01.graphml")
+    return ["stage=prune", "task.n_prompts=4", f"paths.run_dir={run_dir}"]
+
+
+def _pruned_at(*thresholds: float) -> Setup:
+    def setup(tmp: Path) -> list[str]:
+        run_dir = tmp / "run"
+        G = nx.MultiDiGraph()
+        G.add_edge((0, 0, "end", "end"), ("root", "end"), weight=1.0, type="d")
+        for th in thresholds:
+            write_graph(G, run_dir / "pruned_graphs" / f"toy-ioi_ioi_n4_{th}.graphml")
+        return ["stage=compare", "task.n_prompts=4", "compare.threshold=0.3", f"paths.run_dir={run_dir}"]
+
+    return setup
+
+
+HUGE = "9" * 900
+
+
 #: id -> (setup giving the overrides, extra environment, what the message must say)
 PROBES: dict[str, tuple[Setup, dict[str, str], str]] = {
     "unify-threshold-2": (_args("stage=unify", "unify.thresholds=[2.0]"), {}, "unify.thresholds"),
@@ -82,6 +131,36 @@ PROBES: dict[str, tuple[Setup, dict[str, str], str]] = {
         _args("stage=describe", "logger.mode=offline"),
         {"WANDB_MODE": "bogus"},
         "WANDB_MODE",
+    ),
+    # the issue's numbered items, met on the command line
+    "trace-setting-changed": (
+        _traced_parts(1, 4, "trace", "trace.with_tokens=true"),
+        {},
+        "trace.with_tokens: false -> true",
+    ),
+    "unify-on-unfinished-trace": (_traced_parts(2, 4, "unify"), {}, "2 of 4 prompts"),
+    "sparsity-on-empty-results": (_empty_results, {}, "hold no firings"),
+    "tokenizer-cannot-express-task": (
+        _args("stage=trace", "model=toy-induction", "task=ioi", "task.n_prompts=2"),
+        {},
+        "task 'ioi'",
+    ),
+    # range checks and bounded node ids
+    "upstream-fraction-0": (_args("stage=trace", "trace.upstream_fraction=0"), {}, "trace.upstream_fraction"),
+    "compare-threshold-not-produced": (_pruned_at(0.2, 0.5), {}, "valid values are 0.2, 0.5"),
+    "node-id-900-digit-layer-in-edges": (
+        _args(
+            "stage=experiments",
+            f"""experiments.edges=[["({HUGE}, 0, 'end', 'S1')","(1, 0, 'end', 'IO')",""]]""",
+        ),
+        {},
+        "layer",
+    ),
+    "node-id-900-digit-layer-in-graphml": (_graph_with_huge_layer, {}, "layer"),
+    "hub-model-offline-without-weights": (
+        _args("stage=describe", "model=gpt2-small"),
+        {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": "/nonexistent/hf-cache"},
+        "model.path",
     ),
     "online-without-key": (
         _args("stage=describe", "logger.mode=online"),

@@ -133,7 +133,9 @@ def test_stages_on_toy_ioi(tmp_path: Path) -> None:
     rows = pd.read_csv(faithfulness_csv(run_dir, "acc", "toy-ioi", "ioi")).set_index("circuit")
     assert rows.loc["acc circuit", "n_edges"] == 4
     cfg.evaluate.acc_untraced = "complete"  # + values of a1.h3 and a2.h1 from input and a1.h3
+    cfg.overwrite = True  # the faithfulness CSV of acc_untraced=ablate is replaced
     run_evaluate(cfg, ctx)
+    cfg.overwrite = False
     rows = pd.read_csv(faithfulness_csv(run_dir, "acc", "toy-ioi", "ioi")).set_index("circuit")
     assert rows.loc["acc circuit", "n_edges"] == 4 + 3
 

@@ -516,3 +516,49 @@ def test_consumers_refuse_tracing_results_of_other_weights_or_settings(traced: P
     changed = config(upstream_fraction=0.5)
     with pytest.raises(StaleArtifactError, match=r"trace\.upstream_fraction: 0\.7 -> 0\.5"):
         run_unify(changed, RunContext.for_tests(changed, run_dir))
+
+
+@pytest.mark.slow
+@pytest.mark.cli
+def test_graph_files_are_byte_identical_whatever_pythonhashseed(traced: Path, tmp_path: Path) -> None:
+    """unify's GraphML and export's .cyjs/.html, written by two processes with different string hashing."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    files: dict[str, dict[str, bytes]] = {}
+    for seed in ("0", "12345"):
+        run_dir = tmp_path / f"seed{seed}"
+        shutil.copytree(traced, run_dir)
+        args = [
+            "stage=pipeline",
+            "pipeline.stages=[unify,export]",
+            f"model={BUILDER}",
+            "model.tokenizer=null",  # as the in-process trace
+            "task=ioi",
+            f"task.n_prompts={N}",
+            "trace.skip_incorrect=false",
+            "unify.thresholds=[0.0,0.5]",
+            "export.thresholds=[0.0,0.5]",
+            "logger.mode=disabled",
+            f"paths.run_dir={run_dir}",
+            f"paths.cache_dir={fixtures.test_cache_dir()}",
+        ]
+        env = dict(os.environ, ATTNCOMM_CACHE=str(fixtures.test_cache_dir()), PYTHONHASHSEED=seed)
+        out = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "run.py"), *args],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        files[seed] = {
+            str(p.relative_to(run_dir)): p.read_bytes()
+            for pattern in ("combined_graphs/*.graphml", "export/*/*.cyjs", "export/*/*.html")
+            for p in sorted(run_dir.glob(pattern))
+        }
+    a, b = files["0"], files["12345"]
+    assert sorted(a) == sorted(b)
+    assert sum(name.endswith(".graphml") for name in a) == 2
+    assert sum(name.startswith("export/combined_graphs/") and name.endswith(".cyjs") for name in a) == 2
+    assert any(name.startswith("export/traced_graphs/") and name.endswith(".cyjs") for name in a)
+    assert [name for name in a if a[name] != b[name]] == []

@@ -197,7 +197,9 @@ def hooked_metrics(
     per_pass = max(1, max_batch // max(n, 1))
     out = []
     chunks = range(0, len(cells), per_pass)
-    for start in tqdm(chunks, desc=f"patch {kind}", disable=not progress or len(chunks) < 2, leave=False):
+    for start in tqdm(
+        chunks, desc=f"patch {kind}", disable=None if progress and len(chunks) >= 2 else True, leave=False
+    ):
         chunk = list(cells[start : start + per_pass])
         m = len(chunk)
         hooks = cells_hooks(kind, chunk, source, n) + list(extra_hooks)

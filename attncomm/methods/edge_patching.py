@@ -428,7 +428,9 @@ def eap_scores(
     one_batch = _eap_ig_activations_batch if ig_variant == "activations" else _eap_batch
     scores = torch.zeros(graph.n_forward, graph.n_backward, dtype=torch.float64, device=model.device)
     with edge_hooks_enabled(model):
-        for idx in tqdm(_batches(len(clean), batch_size), desc="eap", leave=False, disable=not progress):
+        for idx in tqdm(
+            _batches(len(clean), batch_size), desc="eap", leave=False, disable=None if progress else True
+        ):
             batch_metric = functools.partial(_call_metric, metric, idx)
             one_batch(model, graph, clean[idx], corrupted[idx], batch_metric, ig_steps, scores)
     scores = scores.cpu() / len(clean)
@@ -656,7 +658,7 @@ def evaluate_circuits(
     sums = torch.zeros(len(unique), dtype=torch.float64)
     with edge_hooks_enabled(model):
         runs = _runs(len(clean), batch_size, positions)
-        for idx, n_pos, at in tqdm(runs, desc="evaluate", leave=False, disable=not progress):
+        for idx, n_pos, at in tqdm(runs, desc="evaluate", leave=False, disable=None if progress else True):
             ablated = ablation.values(model, graph, idx, n_pos)
             step = _copies(len(idx), copies)
             for start in range(0, len(unique), step):
@@ -692,7 +694,7 @@ def exact_scores(
     full = graph.full()
     with edge_hooks_enabled(model):
         runs = _runs(len(clean), batch_size, positions)
-        for idx, n_pos, at in tqdm(runs, desc="exact", leave=False, disable=not progress):
+        for idx, n_pos, at in tqdm(runs, desc="exact", leave=False, disable=None if progress else True):
             ablated = ablation.values(model, graph, idx, n_pos)
             tokens = clean[idx][:, :n_pos]
             with torch.no_grad():

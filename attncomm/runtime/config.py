@@ -261,6 +261,8 @@ class AppConfig:
     name: str = "default"
     #: let a stage use an incomplete input (a trace with prompts still missing), with a warning
     allow_partial: bool = False
+    #: let a stage replace outputs made with other settings (see docs/PROVENANCE.md); trace: trace.overwrite
+    overwrite: bool = False
     omega: OmegaStageConfig = field(default_factory=OmegaStageConfig)
     trace: TraceConfig = field(default_factory=TraceConfig)
     unify: UnifyConfig = field(default_factory=UnifyConfig)

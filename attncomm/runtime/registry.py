@@ -10,6 +10,7 @@ import; :func:`load_stages` imports them all.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import logging
 import pkgutil
@@ -66,6 +67,21 @@ STAGES: dict[str, StageSpec] = {}
 _DEFAULT_SECTION = object()
 
 
+def _completing(fn: StageFn) -> StageFn:
+    """``fn``, then its provenance records marked finished: only a stage that returned has complete
+    outputs (a killed or failed one leaves its records in progress, see ``io.provenance``)."""
+
+    @functools.wraps(fn)
+    def run(cfg: AppConfig, ctx: RunContext) -> dict[str, Any] | None:
+        from attncomm.io.provenance import complete_stage_records
+
+        metrics = fn(cfg, ctx)
+        complete_stage_records(ctx)
+        return metrics
+
+    return run
+
+
 def register_stage(
     name: str,
     *,
@@ -75,7 +91,8 @@ def register_stage(
     needs_model: bool = False,
     any_input: bool = False,
 ) -> Callable[[StageFn], StageFn]:
-    """Decorator registering ``fn`` as stage ``name`` (its docstring's first line describes it).
+    """Decorator registering ``fn`` as stage ``name`` (its docstring's first line describes it); the
+    decorated function marks the provenance records its run wrote as finished when it returns.
 
     ``section`` defaults to ``name`` when :class:`AppConfig` has a field of that name, else ``None``.
     """
@@ -87,10 +104,18 @@ def register_stage(
             sec = name if name in {f.name for f in dataclasses.fields(AppConfig)} else None
         if sec is not None and sec not in {f.name for f in dataclasses.fields(AppConfig)}:
             raise TypeError(f"stage {name!r}: AppConfig has no section {sec!r}")
+        run = _completing(fn)
         STAGES[name] = StageSpec(
-            name, fn, sec, tuple(consumes), tuple(produces), needs_model, doc[0] if doc else "", any_input
+            name,
+            run,
+            sec,
+            tuple(consumes),
+            tuple(produces),
+            needs_model,
+            doc[0] if doc else "",
+            any_input,
         )
-        return fn
+        return run
 
     return wrap
 
@@ -199,6 +224,8 @@ class RunContext:
     dtype: torch.dtype
     tracker: Tracker
     config_dict: dict[str, Any] = field(default_factory=dict)
+    #: provenance records written as in progress by this job's stages, marked finished when they return
+    pending_records: dict[Path, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: AppConfig, tracker: Tracker | None = None) -> RunContext:

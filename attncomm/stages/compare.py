@@ -13,6 +13,7 @@ from attncomm.errors import ConfigError
 from attncomm.io.artifacts import atomic_write_text
 from attncomm.io.circuits_data import canonical_method, load_circuits_data, with_shipped_reference
 from attncomm.io.graphml import read_graph
+from attncomm.io.provenance import guard_stage_outputs
 from attncomm.runtime.config import AppConfig
 from attncomm.runtime.registry import RunContext, register_stage
 from attncomm.viz.plots import comparison_across_thresholds, comparison_bar_plot, save_figure
@@ -45,6 +46,7 @@ def run_compare(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
             f"{arts.pruned_graphs_dir}: valid values are {', '.join(str(t) for t in produced)}"
         )
     G = read_graph(arts.require(arts.pruned_graph(th), "pruned_graphs"))
+    guard_stage_outputs(cfg, ctx, "compare")
     model, task = ctx.model_short, ctx.task_name
     data = with_shipped_reference(load_circuits_data(), model, task, cfg.model.path)
     methods = list(cfg.compare.methods) or None

@@ -33,6 +33,7 @@ from attncomm.io.circuits_data import (
     with_shipped_reference,
 )
 from attncomm.io.mib_json import read_mib_json
+from attncomm.io.provenance import RECORDS_DIR, require_same_model_and_task
 from attncomm.methods.circuit_sources import check_method, edges_json, faithfulness_csv, literature_edges
 from attncomm.runtime.config import AppConfig
 from attncomm.runtime.registry import RunContext, register_stage
@@ -59,6 +60,8 @@ def run_compare_methods(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
         if not path.is_file():
             log.info("no %s circuit (%s): skipped", method, path)
             continue
+        record = ctx.run_dir / RECORDS_DIR / f"discover-{method}.json"
+        require_same_model_and_task(cfg, ctx, "compare_methods", record, f"stage=discover method={method}")
         circuit = read_mib_json(path, expected=shape)
         shape = shape or circuit.graph.shape
         graph = graph or circuit.graph

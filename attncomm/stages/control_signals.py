@@ -69,10 +69,12 @@ def resolve_prompts(ids: Sequence[int], n_prompts: int) -> list[int]:
 @register_stage("control_signals", consumes=(), produces=("control_signals",), needs_model=True)
 def run_control_signals(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     """Control signals: cluster the source signals of strong firings, prototype, sink share, heads."""
+    from attncomm.io.provenance import guard_stage_outputs
     from attncomm.methods.acc_tracing import build_omega_cache, collect_signals
 
     cs = cfg.control_signals
     ids = resolve_prompts(cs.prompts, ctx.n_prompts)
+    guard_stage_outputs(cfg, ctx, "control_signals")
     model = ctx.model
     rotary = bool(model.arch.rotary)
     cut = float(cs.cut) if cs.cut is not None else default_cut(rotary)

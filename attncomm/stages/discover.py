@@ -18,6 +18,7 @@ from attncomm.core.edge_graph import EdgeGraph, GraphShape, check_budget, select
 from attncomm.errors import ConfigError
 from attncomm.io.graphml import read_graph
 from attncomm.io.mib_json import EdgeCircuit, write_mib_json
+from attncomm.io.provenance import guard_stage_outputs
 from attncomm.methods.acc_edges import map_acc_graph
 from attncomm.methods.circuit_sources import check_method, edges_json
 from attncomm.methods.edge_patching import (
@@ -98,6 +99,7 @@ def run_discover(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     """Score every edge with the chosen method and write the MIB / EAP-IG JSON."""
     method = check_method(cfg.method.name)
     check_selection(cfg)
+    guard_stage_outputs(cfg, ctx, "discover")
     graph = EdgeGraph(discover_shape(cfg, ctx, method))
     meta: dict[str, Any] = {
         "method": method,

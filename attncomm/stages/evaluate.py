@@ -23,6 +23,7 @@ from attncomm.errors import ConfigError, MissingArtifactError
 from attncomm.io.artifacts import write_table
 from attncomm.io.circuits_data import load_circuits_data, with_shipped_reference
 from attncomm.io.mib_json import read_mib_json
+from attncomm.io.provenance import guard_stage_outputs
 from attncomm.methods.acc_edges import complete_untraced_slots
 from attncomm.methods.circuit_sources import check_method, edges_json, faithfulness_csv, load_fixed_circuit
 from attncomm.methods.edge_patching import (
@@ -84,6 +85,7 @@ def run_evaluate(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     """Faithfulness curve, CPR and CMD of a method's edge scores (and of fixed circuits)."""
     method = check_method(cfg.method.name)
     budgets = check_evaluate_config(cfg)
+    guard_stage_outputs(cfg, ctx, "evaluate")
     model = ctx.model
     check_supported(model)
     shape = graph_shape(model)

@@ -107,11 +107,14 @@ def _metrics(result: ExperimentResult, summary: pd.DataFrame) -> dict[str, Any]:
 )
 def run_experiments_stage(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     """Intervention experiments: remove/boost chosen edges' signals, selected or random terms (section 9)."""
+    from attncomm.io.provenance import guard_stage_outputs
     from attncomm.methods.intervention_inputs import load_intervention_inputs
 
     ec = cfg.experiments
     arts = ctx.artifacts
     edges = chosen_edges(cfg, ctx.model_short, ctx.task_name)
+    arts.require(arts.combined_graph(ec.threshold), "combined_graphs")
+    guard_stage_outputs(cfg, ctx, "experiments")
     inputs = load_intervention_inputs(cfg, ctx, ec.threshold)
     arch = ctx.model.arch
     check_edges_fit_model(edges, arch.n_layers, arch.n_heads, cfg.model.name)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from attncomm.errors import MissingArtifactError
 from attncomm.io.artifacts import format_threshold
 from attncomm.io.graphml import read_graph, traced_graph_prompt
+from attncomm.io.provenance import guard_stage_outputs
 from attncomm.runtime.config import AppConfig
 from attncomm.runtime.registry import RunContext, register_stage
 from attncomm.viz.cytoscape import write_cyjs, write_html
@@ -75,6 +76,7 @@ def run_export(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
             "prune",
             f"python run.py stage=prune model=<model> task={arts.task} task.n_prompts={arts.n}",
         )
+    guard_stage_outputs(cfg, ctx, "export")
     out_dir = arts.stage_dir("export")
     written: list[Path] = []
     counts: dict[str, int] = {}

@@ -33,10 +33,13 @@ log = logging.getLogger(__name__)
 )
 def run_interventions(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     """Remove each combined-graph edge's signal and record the per-prompt logit-diff change (section 7)."""
+    from attncomm.io.provenance import guard_stage_outputs
     from attncomm.methods.intervention_inputs import load_intervention_inputs
 
     ic = cfg.interventions
     arts = ctx.artifacts
+    arts.require(arts.combined_graph(ic.threshold), "combined_graphs")
+    guard_stage_outputs(cfg, ctx, "interventions")
     inputs = load_intervention_inputs(cfg, ctx, ic.threshold)
     source, results = inputs.source, inputs.results
     out = intervention_graph(

@@ -57,11 +57,14 @@ def stage_sections(order: list[StageSpec], stage: str) -> tuple[str, ...]:
 def is_up_to_date(ctx: RunContext, stage: str, sections: tuple[str, ...]) -> bool:
     """Whether the manifest records ``stage`` with the same relevant config and all its files exist."""
     from attncomm.io.manifest import read_manifest
+    from attncomm.io.provenance import stage_outputs_current
 
     entry = read_manifest(ctx.run_dir).get("stages", {}).get(stage)
     if not entry or fingerprint(entry.get("config", {}), sections) != fingerprint(ctx.config_dict, sections):
         return False
-    return all((ctx.run_dir / f).exists() for f in entry.get("files", []))
+    if not all((ctx.run_dir / f).exists() for f in entry.get("files", [])):
+        return False
+    return stage_outputs_current(ctx.cfg, ctx, stage)  # its outputs' provenance key is this config's
 
 
 @register_stage("pipeline")
@@ -85,6 +88,8 @@ def run_pipeline(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
             + "\n".join(lines)
             + f"\n  add {fix} to pipeline.stages, or point paths.run_dir at a directory that holds them"
         )
+    from attncomm.io.provenance import discard_stage_records
+
     base_tracker = ctx.tracker
     summary: dict[str, Any] = {}
     rerun = cfg.pipeline.force
@@ -103,6 +108,7 @@ def run_pipeline(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
             if spec.name != "compare":
                 raise
             log.info("pipeline: compare skipped: %s (sparsity and export still run)", err)
+            discard_stage_records(ctx)
             summary["compare/skipped"] = True
             continue
         finally:

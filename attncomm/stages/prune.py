@@ -12,6 +12,7 @@ from attncomm.core.node_ids import GraphFormatError
 from attncomm.core.pruning import prune, prune_thresholds
 from attncomm.errors import ConfigError
 from attncomm.io.graphml import read_graph, write_graph
+from attncomm.io.provenance import guard_stage_outputs
 from attncomm.runtime.config import AppConfig
 from attncomm.runtime.registry import RunContext, register_stage
 
@@ -33,6 +34,7 @@ def run_prune(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     """Keep edges seen in >= n_min prompts with |mean logit diff| >= th, for th = 0..1 (section 7)."""
     arts = ctx.artifacts
     source = arts.require(arts.interventions_graph(cfg.interventions.threshold), "interventions_graph")
+    guard_stage_outputs(cfg, ctx, "prune")
     G = read_graph(source)
     n_min = resolve_n_min(cfg)
     rows, written = [], []

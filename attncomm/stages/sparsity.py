@@ -45,7 +45,7 @@ from attncomm.core.term_statistics import (
 from attncomm.errors import AttncommError
 from attncomm.io.artifacts import RUN_DIR_GLOB, atomic_write_text, write_table
 from attncomm.io.completeness import require_complete_trace
-from attncomm.io.provenance import StaleArtifactError, require_trace_inputs_match
+from attncomm.io.provenance import StaleArtifactError, guard_stage_outputs, require_trace_inputs_match
 from attncomm.io.results import read_term_lengths, result_files
 from attncomm.models.dimensions import dims_from_config, model_dims
 from attncomm.runtime.config import AppConfig
@@ -136,6 +136,7 @@ def run_sparsity(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
         d_head_source,
     )
 
+    guard_stage_outputs(cfg, ctx, "sparsity")
     out = arts.stage_dir("sparsity")
     stem = arts.stem
     table = df.assign(model=model, task=task, d_head=d_head)

@@ -46,6 +46,9 @@ class StageReport:
     """Collects what one toolkit stage writes, logs it to wandb and records it in the manifest."""
 
     def __init__(self, ctx: RunContext, stage: str) -> None:
+        from attncomm.io.provenance import guard_stage_outputs
+
+        guard_stage_outputs(ctx.cfg, ctx, stage)  # before anything of it is written
         self.ctx = ctx
         self.stage = stage
         self.stem = f"{ctx.model_short}_{ctx.task_name}"

@@ -20,6 +20,7 @@ from typing import Any
 
 from attncomm.errors import ConfigError
 from attncomm.io.artifacts import RunArtifacts, update_manifest
+from attncomm.io.crashpoints import before_commit
 from attncomm.runtime.config import AppConfig
 from attncomm.runtime.registry import RunContext, register_stage
 from attncomm.toys.training import TOY_SPECS, save_toy, train_toy
@@ -72,9 +73,13 @@ def run_train(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     arts = training_artifacts(ctx)
     target = toy_output_dir(arts, ctx.model_short)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}-*"):  # left by a job killed before its rename
+        log.info("removing %s, left by an interrupted training job", stale)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         save_toy(result, tmp)
+        before_commit()  # the directory is complete, not yet renamed into place
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)

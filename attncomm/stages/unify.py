@@ -40,10 +40,11 @@ def read_traced_graphs(ctx: RunContext) -> dict[int, nx.MultiDiGraph]:
 def run_unify(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     """Combine the traced graphs of all prompts and filter them by node frequency (section 6)."""
     from attncomm.io.completeness import require_complete_trace
-    from attncomm.io.provenance import require_trace_inputs_match
+    from attncomm.io.provenance import guard_stage_outputs, require_trace_inputs_match
 
     require_trace_inputs_match(cfg, ctx.artifacts.tracing_results_dir, "unify", include_model=False)
     require_complete_trace(ctx.artifacts, cfg.model.name, "unify", cfg.allow_partial)
+    guard_stage_outputs(cfg, ctx, "unify")
     graphs = read_traced_graphs(ctx)
     combined = unify(graphs, cfg.unify.thresholds)
     written = []
