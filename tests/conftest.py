@@ -23,11 +23,14 @@ CONF = str(REPO_ROOT / "conf")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist (``make test-fast`` runs one worker per core) each worker computes on one thread,
-    so that two workers do not oversubscribe the cores."""
+    """Under pytest-xdist (``make test`` runs one worker per core) each worker computes on one thread,
+    so that the workers do not oversubscribe the cores; so do the ``python run.py`` subprocesses they
+    start (``OMP_NUM_THREADS``), whose artifacts some tests compare byte for byte with in-process runs
+    (float sums depend on the number of threads)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 
+        os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
 
 
