@@ -330,3 +330,24 @@ def test_compare_methods_refuses_edge_scores_of_other_prompts(tmp_path: Path) ->
         StaleArtifactError, match=r"compare_methods: .*discover-eap\.json.*task\.seed: 1 -> 0"
     ):
         run_compare_methods(cfg, ctx_for(cfg, tmp_path / "run"))
+
+
+def test_an_edited_prompt_file_or_circuit_file_is_another_input(tmp_path: Path) -> None:
+    """Files named by a setting are keyed by their content: editing the prompt file of ``task=file`` (or
+    the fixed circuit of ``evaluate.circuit``) under the same name changes every key built on it."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"clean": "a b", "answer": " c", "wrong": " d"}\n')
+    circuit = tmp_path / "circuit.json"
+    circuit.write_text('{"edges": {}}')
+    cfg = config(**{"task.name": "file", "task.path": str(prompts), "evaluate.circuit": str(circuit)})
+    before = {stage: stage_key(cfg, stage) for stage in ("discover", "evaluate", "dla")}
+    prompts.write_text('{"clean": "a b", "answer": " e", "wrong": " d"}\n')
+    after = {stage: stage_key(cfg, stage) for stage in ("discover", "evaluate", "dla")}
+    for stage in before:
+        old, new = before[stage]["task.path.sha256"], after[stage]["task.path.sha256"]
+        assert old != new
+        assert differences(before[stage], after[stage]) == [f"task.path.sha256: {old[:12]} -> {new[:12]}"]
+    circuit.write_text('{"edges": {"input->logits": {"score": 1.0, "in_graph": true}}}')
+    changed = differences(after["evaluate"], stage_key(cfg, "evaluate"))
+    assert len(changed) == 1 and changed[0].startswith("evaluate.circuit.sha256:")
+    assert not differences(after["discover"], stage_key(cfg, "discover"))  # discover does not read it

@@ -133,7 +133,18 @@ def task_identity(cfg: Any) -> dict[str, Any]:
         "task.options": dict(cfg.task.options),
         "model.prepend_bos": cfg.model.prepend_bos,
         "model.tokenizer": cfg.model.tokenizer,
+        **prompt_file_identity(cfg.task.path, cfg.task.strict_answers),
     }
+
+
+def prompt_file_identity(path: str | None, strict_answers: bool) -> dict[str, Any]:
+    """For a task read from a prompt file (``task.path``): the file's content hash (an edited file is
+    another task, whatever its name) and how multi-token answers are treated; nothing otherwise."""
+    if not path:
+        return {}
+    file = Path(path).expanduser()
+    digest = _file_sha256(file) if file.is_file() else "missing"
+    return {"task.path.sha256": digest, "task.strict_answers": strict_answers}
 
 
 def trace_settings(cfg: Any) -> dict[str, Any]:
@@ -444,6 +455,9 @@ def stage_settings(cfg: Any, stage: str) -> dict[str, Any]:
         out["compare.threshold"] = cfg.compare.threshold  # the pruned graph it maps
     if stage == "discover" and cfg.method.name == "exact":
         out["evaluate.ablation"] = cfg.evaluate.ablation  # how exact patching ablates an edge
+    circuit = getattr(cfg.evaluate, "circuit", None) if stage == "evaluate" else None
+    if circuit and not str(circuit).startswith("literature:") and Path(circuit).expanduser().is_file():
+        out["evaluate.circuit.sha256"] = _file_sha256(Path(circuit).expanduser())  # its content, not name
     return {
         k: v for k, v in out.items() if k.rsplit(".", 1)[-1] not in OPERATIONAL and k not in spec.excluded
     }
