@@ -112,3 +112,44 @@ def test_spooled_tracing_equals_in_memory_and_writes_the_same_part(tmp_path: Pat
         ]
         assert parts[0].read_bytes() == parts[1].read_bytes()
     assert list((tmp_path / "sp").iterdir()) == []
+
+
+def _datasets(path: Path) -> list[tuple]:
+    """Every dataset of a result file in stored order: name, dtype, shape, compression, attrs, values."""
+    import h5py
+
+    out: list[tuple] = []
+    with h5py.File(path, "r") as f:
+
+        def visit(name: str, obj: object) -> None:
+            if isinstance(obj, h5py.Dataset):
+                out.append((name, obj.dtype, obj.shape, obj.compression, dict(obj.attrs), obj[()].tobytes()))
+
+        f.visititems(visit)
+        out.append(("file-attrs", dict(f.attrs)))
+        out.append(("order", list(f.keys())))  # creation order (track_order)
+    return out
+
+
+def test_merging_by_object_copy_gives_the_written_datasets(tmp_path: Path) -> None:
+    """build_results copies each stored dataset; the file holds what write_results writes from parts."""
+    from attncomm.io.results import build_results, read_part, write_results
+
+    rng = np.random.default_rng(2)
+    for p in range(3):
+        firings = {}
+        for i in range(1 + p):
+            key = (p, 2 + i, i, 5 + i, i)
+            r = _result(rng, torch.float32, i + 1, (2 + i, 6, 6 + i))  # small and big (gzip) arrays
+            firings[key] = FiringRecords({key: r})[key]
+        status = "traced" if p != 1 else "nonpositive_total"
+        write_part(
+            tmp_path, PromptRecord(p, status, len(firings) if p != 1 else 0, firings if p != 1 else {})
+        )
+    copied = build_results(tmp_path / "copied.h5", tmp_path, range(3))
+    written = write_results(
+        tmp_path / "written.h5", [read_part(tmp_path / "parts" / f"{p}.h5") for p in range(3)]
+    )
+    a, b = _datasets(copied), _datasets(written)
+    assert [x[0] for x in a] == [x[0] for x in b] and len(a) == (1 + 3) * 4 + 3 + 2
+    assert a == b
