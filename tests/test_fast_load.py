@@ -54,3 +54,48 @@ def test_load_reads_the_tokenizer_once(builder: str, monkeypatch: pytest.MonkeyP
     plain = model.tokenizer(TEXTS[0], add_special_tokens=True)["input_ids"]
     assert tokens[0, 1:].tolist() == plain and plain[0] != model.tokenizer.bos_token_id or len(plain) == 0
     assert torch.equal(model.to_tokens(TEXTS[0], prepend_bos=False)[0], torch.tensor(plain))
+
+
+def test_stage_catalog_is_what_importing_registers() -> None:
+    """The declarations read from source equal the registered stages (names, modules, descriptions,
+    inputs, outputs), so starting a job can skip importing the other stage modules."""
+    from attncomm.runtime import registry
+
+    catalog = registry.stage_catalog()
+    registered = registry.load_stages()
+    assert list(catalog) and set(catalog) == set(registered)
+    for name, entry in catalog.items():
+        spec = registered[name]
+        assert entry.module == spec.run.__module__, name
+        assert (entry.description, entry.consumes, entry.produces) == (
+            spec.description,
+            spec.consumes,
+            spec.produces,
+        ), name
+    by_registration: dict[str, str] = {}
+    for spec in registered.values():
+        for kind in spec.produces:
+            if kind not in spec.consumes:
+                by_registration.setdefault(kind, spec.name)
+    assert registry.producers() == by_registration
+
+
+def test_starting_a_trace_job_imports_no_other_stage_module() -> None:
+    """``run.py stage=trace`` composes the config and finds its stage without importing the plotting
+    and clustering stages (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from attncomm.runtime.config import register_configs\n"
+        "from attncomm.runtime.registry import get_stage, producers\n"
+        "register_configs(); producers(); get_stage('trace')\n"
+        "print(sorted(m for m in sys.modules if m.startswith('attncomm.stages.')))\n"
+        "print('matplotlib' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    )
+    modules, mpl = out.stdout.strip().splitlines()[-2:]
+    assert modules == "['attncomm.stages.trace']" and mpl == "False", out.stdout

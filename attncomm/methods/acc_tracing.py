@@ -23,11 +23,10 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import numpy as np
-import pandas as pd
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -38,12 +37,14 @@ from attncomm.core.edge_interventions import needed_hooks as write_hooks
 from attncomm.core.edge_list import EdgeList
 from attncomm.core.omega_factors import OmegaCache
 from attncomm.core.prompt_graph import FiringResult, PromptTensors, trace_prompt
-from attncomm.core.signal_clusters import SIGNAL_COLUMNS, TOKEN_COLUMNS, is_punctuation, layer_source_signals
 from attncomm.core.types import FiringKey
 from attncomm.io.firing_spool import FiringSpool
 from attncomm.models.adapter import ModelAdapter
 from attncomm.runtime.memory_budget import memory_budget_bytes
 from attncomm.tasks.base import Task, TaskPrompts
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -316,6 +317,15 @@ def collect_signals(
     :data:`~attncomm.core.signal_clusters.SIGNAL_COLUMNS` and
     :data:`~attncomm.core.signal_clusters.TOKEN_COLUMNS`.
     """
+    import pandas as pd  # only here: tracing does not need pandas or scipy (signal_clusters)
+
+    from attncomm.core.signal_clusters import (
+        SIGNAL_COLUMNS,
+        TOKEN_COLUMNS,
+        is_punctuation,
+        layer_source_signals,
+    )
+
     a = model.arch
     tok = model.tokenizer
     rows: list[dict[str, Any]] = []
