@@ -4,7 +4,8 @@ A stage is a function ``run(cfg: AppConfig, ctx: RunContext) -> dict`` registere
 ``@register_stage``; it declares the artifact kinds it consumes and produces. ``run_job`` builds the
 context (run directory, device, dtype, wandb tracker), runs the stage, records the manifest and
 logs the returned summary metrics. Stage modules under ``attncomm/stages/`` register themselves on
-import; :func:`load_stages` imports them all.
+import; :func:`load_stages` imports them all, :func:`stage_catalog` reads their declarations from the
+source without importing them (start-up imports only the selected stage's module).
 """
 
 from __future__ import annotations
