@@ -30,6 +30,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Any
@@ -117,7 +118,7 @@ def bench_trace(
         "task": task_name,
         "dtype": str(dtype).replace("torch.", ""),
         "prompts": n_prompts,
-        "traced": sum(t.graph is not None for t in traces),
+        "traced": sum(t.edges is not None for t in traces),
         "skipped": {r: sum(t.skip_reason == r for t in traces) for r in {t.skip_reason for t in traces} if r},
         "firings": firings,
         "seconds": round(seconds, 3),
@@ -186,10 +187,13 @@ def bench_induction(
             progress=False,
             batch_size=1,
             max_memory_gb=max_memory_gb,
+            spool_dir=tempfile.gettempdir(),  # per-firing results on disk, as stage=trace does
         )
         seconds = time.perf_counter() - t0
         result = {"prompt_index": i, "firings": trace.n_firings, "seconds": round(seconds, 3)}
-        if trace.graph is not None:
+        if trace.edges is not None:
+            result["edges"] = len(trace.edges)
+            result["spooled_mb"] = round(trace.results.nbytes / 2**20, 1)  # type: ignore[attr-defined]
             break
         result["skip_reason"] = trace.skip_reason
     firings = result["firings"]

@@ -30,8 +30,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -48,6 +50,7 @@ from attncomm.core.contributions import (
     upstream_contributions,
 )
 from attncomm.core.decompose import LayerInputs, decompose_firings, layer_inputs, selection_mask
+from attncomm.core.edge_list import EdgeList
 from attncomm.core.omega_factors import OmegaCache, QRFactors
 from attncomm.core.selection import greedy_mask_batch, select_seeds
 
@@ -56,6 +59,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FiringKey",
     "FiringResult",
+    "FiringSink",
     "PromptTensors",
     "TraceResult",
     "component_label",
@@ -98,18 +102,27 @@ class FiringResult:
     contrib_src: Float[Tensor, "layer component pos"]
 
 
+#: where each firing's result goes as soon as its chunk is done (instead of a dict kept in memory)
+FiringSink = Callable[[FiringKey, FiringResult], None]
+
+
 @dataclass
 class TraceResult:
-    """Graph (None when skipped), skip reason, seeds and per-firing results of one prompt."""
+    """Edges (None when skipped), skip reason, seeds and per-firing results of one prompt.
 
-    graph: nx.MultiDiGraph | None
+    ``graph`` is built from ``edges`` on first access (and kept). ``results`` is empty when
+    :func:`trace_prompt` handed each firing to a ``sink`` instead; ``n_firings`` counts them either way.
+    """
+
+    edges: EdgeList | None
     skip_reason: str | None
     results: dict[FiringKey, FiringResult] = field(default_factory=dict)
     seed_total: float = 0.0
+    n_firings: int = 0
 
-    @property
-    def n_firings(self) -> int:
-        return len(self.results)
+    @functools.cached_property
+    def graph(self) -> nx.MultiDiGraph | None:
+        return None if self.edges is None else self.edges.to_graph()
 
 
 def component_label(component: int, n_heads: int) -> int | str:
@@ -131,10 +144,6 @@ def seed_contributions(pt: PromptTensors, n_layers: int) -> Float[Tensor, "layer
         n_firings=1,
     )
     return upstream_contributions(proj, pt.writes, pt.final_scale, n_layers, pt.n_pos)[0]
-
-
-def _add_edge(graph: nx.MultiDiGraph, up: NodeId, down: NodeId, weight: float, kind: str) -> None:
-    graph.add_edge(up, down, weight=float(weight), type=kind)
 
 
 def firing_bytes(layer: int, n_heads: int, n_pos: int, d_head: int, rotary: bool, itemsize: int) -> int:
@@ -163,8 +172,8 @@ def _trace_chunk(
     layer: int,
     firing_keys: list[FiringKey],
     prefix: Tensor | None,
-    results: dict[FiringKey, FiringResult],
-    graph: nx.MultiDiGraph,
+    store: FiringSink,
+    edges: EdgeList,
     seen: set[FiringKey],
     pending: dict[int, list[FiringKey]],
     *,
@@ -189,11 +198,14 @@ def _trace_chunk(
     host_d, host_s = contrib_d[:, :, : H + 2].cpu(), contrib_s[:, :, : H + 2].cpu()
     for i, key in enumerate(firing_keys):
         d = key[2]
-        results[key] = FiringResult(
-            dest_terms=terms_d[i],
-            src_terms=terms_s[i],
-            contrib_dest=host_d[i, :, :, : d + 1].clone(),
-            contrib_src=host_s[i, :, :, : d + 1].clone(),
+        store(
+            key,
+            FiringResult(
+                dest_terms=terms_d[i],
+                src_terms=terms_s[i],
+                contrib_dest=host_d[i, :, :, : d + 1].clone(),
+                contrib_src=host_s[i, :, :, : d + 1].clone(),
+            ),
         )
     del host_d, host_s
     # the 70% rule on every firing and side at once, over [l', component, t' <= d] (Embedding included)
@@ -213,7 +225,7 @@ def _trace_chunk(
             continue
         down = (int(layer), int(h), labels[d], labels[s])
         up = (int(lu), component_label(comp, H), labels[anchor], labels[t])
-        _add_edge(graph, up, down, weight, "ds"[side])
+        edges.add(up, down, weight, "ds"[side])
         if comp < H:
             up_key = (int(lu), int(comp), anchor, int(t))
             if up_key not in seen:
@@ -231,19 +243,22 @@ def trace_prompt(
     selection_dtype: torch.dtype = torch.float32,
     progress: bool = False,
     memory_budget: int | None = None,
+    sink: FiringSink | None = None,
 ) -> TraceResult:
     """Trace one prompt: seeds, recursion over firings layer by layer, graph and per-firing results.
 
     Each layer's firings are processed in chunks of at most ``memory_budget`` bytes of intermediate
     tensors (:func:`firing_bytes`; ``None``: one chunk per layer), so the peak memory does not grow with
-    the number of firings in a layer.
+    the number of firings in a layer. With a ``sink``, each firing's result is handed to it as soon as
+    its chunk is done and nothing of it is kept (``TraceResult.results`` stays empty): what grows with
+    the number of firings is then only the compact :class:`~attncomm.core.edge_list.EdgeList`.
     """
     L, H = cache.n_layers, cache.n_heads
     labels = pt.labels
     seeds = seed_contributions(pt, L)  # [L, H+3, n]
     total = float(seeds.to(selection_dtype).sum())
     if not total > 0:
-        return TraceResult(graph=None, skip_reason="nonpositive_total", seed_total=total)
+        return TraceResult(edges=None, skip_reason="nonpositive_total", seed_total=total)
     if seed_fraction == 1.0:
         seed_mask = select_seeds(seeds, dtype=selection_dtype)
     else:
@@ -253,9 +268,9 @@ def trace_prompt(
     seed_idx = torch.nonzero(seed_mask).tolist()
     seed_values = seeds[seed_mask].tolist()  # same (row-major) order as seed_idx
     if not any(c < H for _, c, _ in seed_idx):
-        return TraceResult(graph=None, skip_reason="no_head_seed", seed_total=total)
+        return TraceResult(edges=None, skip_reason="no_head_seed", seed_total=total)
 
-    graph = nx.MultiDiGraph()
+    edges = EdgeList()
     end = pt.end
     root = (direction_name, labels[end]) if end in labels else (direction_name, str(end))
     seen: set[FiringKey] = set()
@@ -263,7 +278,7 @@ def trace_prompt(
     for (layer, comp, t), value in zip(seed_idx, seed_values, strict=True):
         if end in labels and t in labels:
             up = (int(layer), component_label(comp, H), labels[end], labels[t])
-            _add_edge(graph, up, root, value, "d")
+            edges.add(up, root, value, "d")
         if comp < H:
             key = (int(layer), int(comp), end, int(t))
             if key not in seen:
@@ -271,6 +286,16 @@ def trace_prompt(
                 pending[int(layer)].append(key)
 
     results: dict[FiringKey, FiringResult] = {}
+    n_firings = 0
+
+    def store(key: FiringKey, value: FiringResult) -> None:
+        nonlocal n_firings
+        n_firings += 1
+        if sink is None:
+            results[key] = value
+        else:
+            sink(key, value)
+
     bar = tqdm(total=0, desc="firings", disable=None if progress else True, leave=False)
     device = pt.x.device
     for layer in range(L - 1, -1, -1):
@@ -320,8 +345,8 @@ def trace_prompt(
                 layer,
                 part,
                 prefix,
-                results,
-                graph,
+                store,
+                edges,
                 seen,
                 pending,
                 upstream_fraction=upstream_fraction,
@@ -331,4 +356,4 @@ def trace_prompt(
         del prefix, inp
     bar.close()
 
-    return TraceResult(graph=graph, skip_reason=None, results=results, seed_total=total)
+    return TraceResult(edges=edges, skip_reason=None, results=results, seed_total=total, n_firings=n_firings)

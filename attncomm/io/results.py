@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +68,7 @@ class PromptRecord:
     prompt: int
     status: str
     n_firings: int
-    firings: dict[FiringKey, FiringRecord]
+    firings: Mapping[FiringKey, FiringRecord]
 
 
 def dataset_name(kind: str, key: FiringKey) -> str:
@@ -85,7 +85,8 @@ def parse_dataset_name(name: str) -> tuple[str, FiringKey]:
     return kind, tuple(int(x) for x in nums)  # type: ignore[return-value]
 
 
-def _write_firings(f: h5py.File, firings: dict[FiringKey, FiringRecord]) -> None:
+def _write_firings(f: h5py.File, firings: Mapping[FiringKey, FiringRecord]) -> None:
+    """One dataset per firing and kind, in key order; ``firings`` is read one firing at a time."""
     for key in sorted(firings):
         rec = firings[key]
         arrays = {
@@ -210,21 +211,40 @@ def done_prompts(results_dir: Path) -> set[int]:
 
 
 def _read_firings(f: h5py.File, names: Iterable[str]) -> dict[FiringKey, FiringRecord]:
-    found: dict[FiringKey, dict[str, np.ndarray]] = {}
-    for name in names:
-        if name == PROMPT_TABLE:
-            continue
-        kind, key = parse_dataset_name(name)
-        found.setdefault(key, {})[kind] = f[name][()]
-    out: dict[FiringKey, FiringRecord] = {}
-    for key, arrays in found.items():
-        missing = [k for k in _KINDS if k not in arrays]
-        if missing:
-            raise ValueError(f"firing {key} lacks datasets {missing} in {f.filename}")
-        out[key] = FiringRecord(
-            arrays[DEST_TERMS], arrays[SRC_TERMS], arrays[CONTRIB_DEST], arrays[CONTRIB_SRC]
-        )
-    return out
+    lazy = _FileFirings(f, names)
+    return {key: lazy[key] for key in lazy}
+
+
+class _FileFirings(Mapping[FiringKey, FiringRecord]):
+    """The firings of an open result or part file, each read on lookup (names checked up front)."""
+
+    def __init__(self, f: h5py.File, names: Iterable[str]) -> None:
+        self._f = f
+        found: dict[FiringKey, dict[str, str]] = {}
+        for name in names:
+            if name == PROMPT_TABLE:
+                continue
+            kind, key = parse_dataset_name(name)
+            found.setdefault(key, {})[kind] = name
+        for key, kinds in found.items():
+            missing = [k for k in _KINDS if k not in kinds]
+            if missing:
+                raise ValueError(f"firing {key} lacks datasets {missing} in {f.filename}")
+        self._names = found
+
+    def dataset(self, key: FiringKey, kind: str) -> str:
+        """The name of ``key``'s dataset of ``kind``."""
+        return self._names[key][kind]
+
+    def __getitem__(self, key: FiringKey) -> FiringRecord:
+        names = self._names[key]
+        return FiringRecord(*(self._f[names[kind]][()] for kind in _KINDS))
+
+    def __iter__(self) -> Iterator[FiringKey]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def write_results(path: Path, parts: Sequence[PromptRecord]) -> Path:
@@ -237,9 +257,43 @@ def write_results(path: Path, parts: Sequence[PromptRecord]) -> Path:
 
 
 def build_results(path: Path, results_dir: Path, prompts: Iterable[int]) -> Path:
-    """Collect the part files of ``prompts`` into the result file ``path``."""
-    records = [read_part(part_path(results_dir, p)) for p in sorted(prompts)]
-    return write_results(path, records)
+    """Collect the part files of ``prompts`` into the result file ``path``.
+
+    The same datasets, in the same order, as :func:`write_results` of every :func:`read_part` (names,
+    dtypes, shapes, values, compression and ``dims`` attributes), but each dataset is copied as stored
+    (HDF5 object copy: no decompression and recompression), one at a time, so that the parts of long
+    prompts never sit in memory and merging costs a fraction of writing.
+    """
+    table: list[PromptRecord] = []
+    with atomic_path(path) as tmp, h5py.File(tmp, "w", track_order=True) as f:
+        for p in sorted(prompts):
+            src = part_path(results_dir, p)
+            try:
+                with open_results(src) as part:
+                    firings = _FileFirings(part, part.keys())
+                    status, n = str(part.attrs["status"]), int(part.attrs["n_firings"])
+                    for key in sorted(firings):
+                        for kind in _KINDS:
+                            name = firings.dataset(key, kind)
+                            part.copy(part[name], f, name=name)
+                    table.append(PromptRecord(int(part.attrs["prompt"]), status, n, {}))
+            except ValueError as err:
+                if isinstance(err, DamagedResultsError):
+                    raise
+                raise _damaged(src, err) from err
+        _write_prompt_table(f, table)
+    return path
+
+
+def read_part_status(path: Path) -> str:
+    """The status a part file records (``traced`` or a skip reason), without reading its firings."""
+    try:
+        with open_results(path) as f:
+            return str(f.attrs["status"])
+    except ValueError as err:
+        if isinstance(err, DamagedResultsError):
+            raise
+        raise _damaged(path, err) from err
 
 
 @dataclass

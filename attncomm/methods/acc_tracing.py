@@ -18,14 +18,15 @@ experiments run the model through the same batching
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import numpy as np
-import pandas as pd
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -33,12 +34,17 @@ from tqdm.auto import tqdm
 from attncomm.core.contributions import PromptWrites, head_value_writes
 from attncomm.core.edge_interventions import batch_ranges
 from attncomm.core.edge_interventions import needed_hooks as write_hooks
+from attncomm.core.edge_list import EdgeList
 from attncomm.core.omega_factors import OmegaCache
 from attncomm.core.prompt_graph import FiringResult, PromptTensors, trace_prompt
-from attncomm.core.signal_clusters import SIGNAL_COLUMNS, TOKEN_COLUMNS, is_punctuation, layer_source_signals
+from attncomm.core.types import FiringKey
+from attncomm.io.firing_spool import FiringSpool
 from attncomm.models.adapter import ModelAdapter
 from attncomm.runtime.memory_budget import memory_budget_bytes
 from attncomm.tasks.base import Task, TaskPrompts
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -57,20 +63,27 @@ __all__ = [
 
 @dataclass
 class PromptTrace:
-    """The tracing of one prompt: graph (None when skipped), skip reason and per-firing results.
+    """The tracing of one prompt: edges (None when skipped), skip reason and per-firing results.
 
-    ``results`` is keyed by ``(prompt, l, h, d, s)``. ``skip_reason`` is None, ``"incorrect"``,
+    ``graph`` (a ``MultiDiGraph``, None when skipped) is built from the compact ``edges`` on first
+    access. ``results`` maps ``(prompt, l, h, d, s)`` to the firing's result: a dict in memory, or a
+    :class:`~attncomm.io.firing_spool.FiringSpool` reading each firing back from disk when
+    :func:`trace_prompts` was given a ``spool_dir``. ``skip_reason`` is None, ``"incorrect"``,
     ``"nonpositive_total"`` or ``"no_head_seed"``.
     """
 
     prompt_id: int
-    graph: nx.MultiDiGraph | None
+    edges: EdgeList | None
     skip_reason: str | None
-    results: dict[tuple[int, int, int, int, int], FiringResult] = field(default_factory=dict)
+    results: Mapping[FiringKey, FiringResult] = field(default_factory=dict)
 
     @property
     def n_firings(self) -> int:
         return len(self.results)
+
+    @functools.cached_property
+    def graph(self) -> nx.MultiDiGraph | None:
+        return None if self.edges is None else self.edges.to_graph()
 
 
 def build_omega_cache(model: ModelAdapter, dtype: torch.dtype = torch.float32) -> OmegaCache:
@@ -208,6 +221,7 @@ def trace_prompts(
     upstream_fraction: float = 0.7,
     seed_fraction: float = 1.0,
     max_memory_gb: float | None = None,
+    spool_dir: str | Path | None = None,
 ) -> Iterator[PromptTrace]:
     """Trace every prompt (batched forward passes, only the needed hooks cached) and yield its result.
 
@@ -216,6 +230,11 @@ def trace_prompts(
     ``max_memory_gb`` bounds the chunked intermediates (``None``: a safe fraction of the available
     memory, :func:`attncomm.runtime.memory_budget.memory_budget_bytes`): the forward batch shrinks so
     that its cached hooks fit, and each layer's firings are traced in chunks that fit.
+
+    ``spool_dir``: each firing's result is written, as soon as it is traced, to a temporary
+    :class:`~attncomm.io.firing_spool.FiringSpool` file in that directory and read back on access, so
+    the per-firing results of a long prompt never sit in memory (``None``: kept in a dict). A prompt's
+    spool file is deleted once its :class:`PromptTrace` is dropped.
     """
     n_prompts = len(prompts)
     ids = list(range(n_prompts)) if prompt_ids is None else [int(i) for i in prompt_ids]
@@ -234,13 +253,14 @@ def trace_prompts(
         for i, row in enumerate(rows):
             pid = ids[row]
             if skip_incorrect and not bool(correct[i]):
-                yield PromptTrace(prompt_id=pid, graph=None, skip_reason="incorrect")
+                yield PromptTrace(prompt_id=pid, edges=None, skip_reason="incorrect")
                 bar.update(1)
                 continue
             end = int(sub.end[i])
             pt = _prompt_tensors(model, cache, i, end, directions[row], labels_all[row], omega, dtype)
             if i == len(rows) - 1:
                 cache.clear()  # the batch's hooks are no longer needed: free them before tracing
+            spool = None if spool_dir is None else FiringSpool(spool_dir)
             res = trace_prompt(
                 pt,
                 omega,
@@ -250,10 +270,17 @@ def trace_prompts(
                 selection_dtype=dtype,
                 progress=progress,
                 memory_budget=budget,
+                sink=None if spool is None else spool.prefixed_sink(pid),
             )
-            results = {(pid, *key): value for key, value in res.results.items()}
+            del pt
+            results: Mapping[FiringKey, FiringResult]
+            if spool is None:
+                results = {(pid, *key): value for key, value in res.results.items()}
+            else:
+                results = spool
             logger.debug("prompt %d: %d firings, skip=%s", pid, len(results), res.skip_reason)
-            yield PromptTrace(prompt_id=pid, graph=res.graph, skip_reason=res.skip_reason, results=results)
+            yield PromptTrace(prompt_id=pid, edges=res.edges, skip_reason=res.skip_reason, results=results)
+            del res, results, spool
             bar.update(1)
         del cache
     bar.close()
@@ -290,6 +317,15 @@ def collect_signals(
     :data:`~attncomm.core.signal_clusters.SIGNAL_COLUMNS` and
     :data:`~attncomm.core.signal_clusters.TOKEN_COLUMNS`.
     """
+    import pandas as pd  # only here: tracing does not need pandas or scipy (signal_clusters)
+
+    from attncomm.core.signal_clusters import (
+        SIGNAL_COLUMNS,
+        TOKEN_COLUMNS,
+        is_punctuation,
+        layer_source_signals,
+    )
+
     a = model.arch
     tok = model.tokenizer
     rows: list[dict[str, Any]] = []

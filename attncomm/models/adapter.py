@@ -59,6 +59,7 @@ transformer_lens 4.3.0 and transformers 5.23.0 (the tests in ``tests/test_models
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import os
@@ -221,6 +222,31 @@ def _load_tokenizer(cfg: ModelConfig, source: Path | str, cache_root: Path) -> P
     return tok
 
 
+def _with_bos(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A twin of ``tokenizer`` that prepends BOS, for the bridge (which needs one) without a reload.
+
+    TransformerLens keeps a tokenizer whose ``init_kwargs`` say ``add_bos_token=True`` as it is and
+    otherwise loads the tokenizer again from disk with that option (1-2 s for GPT-2's BPE). The twin is
+    a deep copy that shares the large read-only vocabulary tables (only used to build the backend) and
+    has ``add_bos_token`` set the way ``from_pretrained(..., add_bos_token=True)`` sets it: the same
+    backend, encodings and ``init_kwargs``. attncomm's own tokenizer is left unchanged (it adds no
+    BOS). Tokenizers without a BOS token or without a tokenizers backend are passed on unchanged.
+    """
+    if tokenizer.bos_token is None or getattr(tokenizer, "add_bos_token", False):
+        return tokenizer
+    if not hasattr(type(tokenizer), "update_post_processor"):
+        return tokenizer
+    shared = {id(v): v for v in vars(tokenizer).values() if isinstance(v, dict | list) and len(v) > 1000}
+    try:
+        twin = copy.deepcopy(tokenizer, shared)
+        twin.init_kwargs["add_bos_token"] = True
+        twin._should_update_post_processor = True  # as from_pretrained with an explicit add_bos_token
+        twin.add_bos_token = True  # rebuilds the post-processor
+    except (ValueError, TypeError, AttributeError):  # e.g. a BOS token TemplateProcessing cannot express
+        return tokenizer
+    return twin
+
+
 def _use_float64_norms(bridge: Any) -> None:
     """Make RMS norms compute in float64 (HF's Gemma2RMSNorm upcasts to float32 only)."""
     for module in bridge.modules():
@@ -248,7 +274,7 @@ def load_model(
     try:
         revision = cfg.revision if isinstance(source, str) else None  # a local dir has no revisions
         bridge = TransformerBridge.boot_transformers(
-            str(source), tokenizer=tokenizer, dtype=dtype, device=device, revision=revision
+            str(source), tokenizer=_with_bos(tokenizer), dtype=dtype, device=device, revision=revision
         )
     except OSError as err:
         raise _not_available(cfg, f"{source} (HF cache {_hf_hub_cache()})", str(err)) from err

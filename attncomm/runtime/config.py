@@ -298,13 +298,13 @@ def package_path(relative: str) -> str:
 def register_configs() -> None:
     """Register the schema that ``conf/config.yaml`` extends, one ``stage`` option per registered stage,
     and the ``--help`` page listing the stages with their descriptions."""
-    from attncomm.runtime.registry import load_stages
+    from attncomm.runtime.registry import stage_catalog
 
     if not OmegaConf.has_resolver("attncomm_pkg"):
         OmegaConf.register_new_resolver("attncomm_pkg", package_path)
     cs = ConfigStore.instance()
     cs.store(name="app_schema", node=AppConfig)
-    stages = load_stages()
+    stages = stage_catalog()  # read from the stage modules' source: no stage module is imported
     for name in stages:
         cs.store(group="stage", name=name, node=StageSelectConfig(name=name))
     width = max(map(len, stages))

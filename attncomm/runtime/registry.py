@@ -4,7 +4,8 @@ A stage is a function ``run(cfg: AppConfig, ctx: RunContext) -> dict`` registere
 ``@register_stage``; it declares the artifact kinds it consumes and produces. ``run_job`` builds the
 context (run directory, device, dtype, wandb tracker), runs the stage, records the manifest and
 logs the returned summary metrics. Stage modules under ``attncomm/stages/`` register themselves on
-import; :func:`load_stages` imports them all.
+import; :func:`load_stages` imports them all, :func:`stage_catalog` reads their declarations from the
+source without importing them (start-up imports only the selected stage's module).
 """
 
 from __future__ import annotations
@@ -129,6 +130,73 @@ def load_stages() -> dict[str, StageSpec]:
     return STAGES
 
 
+@dataclass(frozen=True)
+class StageEntry:
+    """What a stage's ``@register_stage`` declaration says, read from its module's source."""
+
+    name: str
+    module: str
+    description: str
+    consumes: tuple[str, ...]
+    produces: tuple[str, ...]
+
+
+def _declarations(path: Path, module: str) -> list[StageEntry]:
+    """The ``@register_stage("name", consumes=..., produces=...)`` declarations of one source file."""
+    import ast
+
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for dec in node.decorator_list:
+            func = dec.func if isinstance(dec, ast.Call) else None
+            called = getattr(func, "id", None) or getattr(func, "attr", None)
+            if called != "register_stage" or not isinstance(dec, ast.Call):
+                continue
+            kw = {k.arg: ast.literal_eval(k.value) for k in dec.keywords if k.arg in ("consumes", "produces")}
+            doc = (ast.get_docstring(node) or "").strip().splitlines()
+            out.append(
+                StageEntry(
+                    ast.literal_eval(dec.args[0]),
+                    module,
+                    doc[0] if doc else "",
+                    tuple(kw.get("consumes", ())),
+                    tuple(kw.get("produces", ())),
+                )
+            )
+    return out
+
+
+@functools.cache
+def stage_catalog() -> dict[str, StageEntry]:
+    """Every stage's declaration, read from the source of ``attncomm/stages/`` without importing it.
+
+    Starting a job imports only the module of the stage it runs (:func:`get_stage`), not every stage
+    module with its plotting, clustering and data-frame dependencies; the names, descriptions and
+    declared artifacts come from here. The declarations are the ``@register_stage`` calls themselves
+    (tested equal to what importing registers). A declaration that is not literal falls back to
+    importing everything (:func:`load_stages`).
+    """
+    import attncomm.stages as pkg
+
+    entries: dict[str, StageEntry] = {}
+    try:
+        for mod in pkgutil.iter_modules(pkg.__path__):
+            path = Path(pkg.__path__[0]) / f"{mod.name}.py"
+            if not path.is_file():
+                raise ValueError(f"{mod.name} is not a plain module")
+            for entry in _declarations(path, f"{pkg.__name__}.{mod.name}"):
+                entries.setdefault(entry.name, entry)
+    except (ValueError, SyntaxError, TypeError, IndexError, OSError) as err:
+        log.debug("stage declarations not readable from source (%s); importing every stage", err)
+        return {
+            n: StageEntry(n, s.run.__module__, s.description, s.consumes, s.produces)
+            for n, s in load_stages().items()
+        }
+    return entries
+
+
 def producers() -> dict[str, str]:
     """Artifact kind -> the stage that produces it (derived from the declarations).
 
@@ -136,7 +204,7 @@ def producers() -> dict[str, str]:
     its producer: the producer is the stage that makes it from other inputs.
     """
     out: dict[str, str] = {}
-    for spec in load_stages().values():
+    for spec in stage_catalog().values():
         for kind in spec.produces:
             if kind not in spec.consumes:
                 out.setdefault(kind, spec.name)
@@ -186,8 +254,11 @@ def missing_inputs(ordered: list[StageSpec], available: Callable[[str], bool]) -
 
 
 def get_stage(name: str) -> StageSpec:
-    """The stage registered as ``name``; an unknown name lists the valid ones."""
-    load_stages()
+    """The stage registered as ``name`` (importing only its module); an unknown name lists the valid ones."""
+    if name not in STAGES and name in stage_catalog():
+        importlib.import_module(stage_catalog()[name].module)
+    if name not in STAGES:
+        load_stages()
     if name not in STAGES:
         valid = ", ".join(sorted(STAGES))
         raise UnknownStageError(f"unknown stage {name!r}. Valid stages: {valid}. Use e.g. stage=trace")

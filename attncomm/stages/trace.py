@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from attncomm.core.types import FiringKey
 from attncomm.errors import ConfigError
 from attncomm.io.results import (
     STATUSES,
@@ -22,13 +24,39 @@ from attncomm.io.results import (
     build_results,
     done_prompts,
     part_path,
-    read_part,
+    read_part_status,
     write_part,
 )
 from attncomm.runtime.config import AppConfig
 from attncomm.runtime.registry import RunContext, register_stage
 
 log = logging.getLogger(__name__)
+
+
+class FiringRecords(Mapping[FiringKey, FiringRecord]):
+    """A prompt's tracing results as :class:`FiringRecord` (numpy), converted one firing per lookup.
+
+    Wraps :attr:`~attncomm.methods.acc_tracing.PromptTrace.results` (a dict or a disk spool) so that
+    writing a part file never holds more than one firing's arrays.
+    """
+
+    def __init__(self, results: Mapping[FiringKey, Any]) -> None:
+        self._results = results
+
+    def __getitem__(self, key: FiringKey) -> FiringRecord:
+        r = self._results[key]
+        return FiringRecord(
+            r.dest_terms.cpu().numpy(),
+            r.src_terms.cpu().numpy(),
+            r.contrib_dest.cpu().numpy(),
+            r.contrib_src.cpu().numpy(),
+        )
+
+    def __iter__(self) -> Iterator[FiringKey]:
+        return iter(self._results)
+
+    def __len__(self) -> int:
+        return len(self._results)
 
 
 def shard_prompts(n: int, shard: int, n_shards: int) -> list[int]:
@@ -46,7 +74,7 @@ def status_counts(results_dir: Path, prompts: list[int]) -> Counter[str]:
     for p in prompts:
         path = part_path(results_dir, p)
         if path.is_file():
-            counts[read_part(path).status] += 1
+            counts[read_part_status(path)] += 1
     return counts
 
 
@@ -121,6 +149,7 @@ def run_trace(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
             upstream_fraction=tc.upstream_fraction,
             seed_fraction=tc.seed_fraction,
             max_memory_gb=tc.max_memory_gb,
+            spool_dir=results_dir / "parts",
         ):
             status = pt.skip_reason or "traced"
             graph_path = art.traced_graph(pt.prompt_id)
@@ -128,15 +157,7 @@ def run_trace(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
                 write_graph(pt.graph, graph_path)
             elif graph_path.exists():
                 graph_path.unlink()  # a stale graph from an earlier run with other settings
-            firings = {
-                key: FiringRecord(
-                    r.dest_terms.cpu().numpy(),
-                    r.src_terms.cpu().numpy(),
-                    r.contrib_dest.cpu().numpy(),
-                    r.contrib_src.cpu().numpy(),
-                )
-                for key, r in pt.results.items()
-            }
+            firings = FiringRecords(pt.results)  # read one firing at a time while the part is written
             write_part(results_dir, PromptRecord(pt.prompt_id, status, pt.n_firings, firings))
             n_firings += pt.n_firings
             ctx.tracker.log_metrics({"trace/prompt": pt.prompt_id, "trace/firings": pt.n_firings})
