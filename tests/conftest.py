@@ -34,13 +34,22 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
+#: variants of a family that ``make test-fast`` leaves to the full suite: it tests every family once
+#: (GPT-2, NeoX/Pythia, Gemma-2, Llama); Qwen2 (q/k/v biases) and Mistral run in ``make test`` and CI
+FULL_SUITE_ONLY = frozenset({"tiny-qwen2", "tiny-mistral"})
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist with ``--dist loadgroup``, all SLURM tests run on one worker (they share one
-    cluster), and so do the browser tests."""
+    cluster), and so do the browser tests. Tests parametrized with a :data:`FULL_SUITE_ONLY` model are
+    marked ``slow``."""
     for item in items:
         for name in ("slurm", "browser"):
             if item.get_closest_marker(name):
                 item.add_marker(pytest.mark.xdist_group(name))
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if any(isinstance(v, str) and v in FULL_SUITE_ONLY for v in params.values()):
+            item.add_marker(pytest.mark.slow)
 
 
 def shared_path(*parts: str) -> Path:

@@ -200,7 +200,15 @@ def test_figures() -> None:
 # ----------------------------------------------------------------------------- against the tracer
 
 
-@pytest.mark.parametrize("builder", ["tiny-gpt2", "tiny-pythia", "tiny-gemma2"])
+@pytest.mark.parametrize(
+    "builder",
+    # the other families' runs are in the full suite only (make test-fast keeps one)
+    [
+        "tiny-gpt2",
+        pytest.param("tiny-pythia", marks=pytest.mark.slow),
+        pytest.param("tiny-gemma2", marks=pytest.mark.slow),
+    ],
+)
 def test_decomposition_matches_tracer(builder: str) -> None:
     """Same selected source terms as the tracer on every firing both see; signal = P_V x_s from full V."""
     model = load_tiny(builder)

@@ -393,7 +393,15 @@ def hand_ig_activations(model, clean, corrupted, metric, edge: str, steps: int) 
     return total / (len(groups) * steps)
 
 
-@pytest.mark.parametrize("builder", ["tiny-gpt2", "tiny-pythia", "tiny-llama"])
+@pytest.mark.parametrize(
+    "builder",
+    # the other families' runs are in the full suite only (make test-fast keeps one)
+    [
+        "tiny-gpt2",
+        pytest.param("tiny-pythia", marks=pytest.mark.slow),
+        pytest.param("tiny-llama", marks=pytest.mark.slow),
+    ],
+)
 def test_eap_ig_activations_variant(builder: str) -> None:
     model = fresh_tiny(builder)
     graph = EdgeGraph(graph_shape(model))
