@@ -3,6 +3,7 @@ discover -> evaluate -> compare_methods -> gather_methods on toy-ioi (EAP and a 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -157,3 +158,28 @@ def test_stages_on_toy_ioi(tmp_path: Path) -> None:
     gathered = pd.read_csv(tmp_path / "out" / "methods_summary" / "methods_cpr_cmd.csv")
     assert list(gathered["method"]) == ["acc", "eap"]
     assert math.isclose(float(gathered.loc[gathered["method"] == "eap", "cpr"].iloc[0]), cpr)
+
+
+def test_gather_skips_a_run_whose_evaluate_did_not_finish(tmp_path: Path) -> None:
+    """A faithfulness CSV whose ``evaluate`` record is still in progress (a killed run) is not gathered."""
+    from attncomm.io.provenance import IN_PROGRESS, RECORDS_DIR
+    from attncomm.stages.gather_methods import gather_faithfulness
+
+    table = pd.DataFrame(
+        {
+            "circuit": ["CPR", "CMD"],
+            "faithfulness": [0.5, 0.5],
+            "method": ["eap", "eap"],
+            "model": ["m", "m"],
+            "task": ["t", "t"],
+        }
+    )
+    for run, in_progress in (("done", False), ("killed", True)):
+        folder = tmp_path / run / "circuits" / "eap"
+        folder.mkdir(parents=True)
+        table.to_csv(folder / "m_t_faithfulness.csv", index=False)
+        record = tmp_path / run / RECORDS_DIR / "evaluate-eap.json"
+        record.parent.mkdir()
+        record.write_text(json.dumps({"task.name": "t", **({IN_PROGRESS: True} if in_progress else {})}))
+    gathered = gather_faithfulness(tmp_path)
+    assert list(gathered["run_dir"]) == [str(tmp_path / "done")]

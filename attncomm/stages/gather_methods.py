@@ -17,6 +17,7 @@ import pandas as pd
 
 from attncomm.errors import AttncommError
 from attncomm.io.artifacts import write_table
+from attncomm.io.provenance import IN_PROGRESS, RECORDS_DIR, read_key_file
 from attncomm.runtime.config import AppConfig
 from attncomm.runtime.registry import RunContext, register_stage
 from attncomm.viz.method_plots import gathered_figure
@@ -28,9 +29,19 @@ COLUMNS = ["model", "task", "method", "ablation", "cpr", "cmd", "circuit_faithfu
 
 
 def gather_faithfulness(root: Path) -> pd.DataFrame:
-    """One row per faithfulness CSV under ``root`` with its CPR, CMD and own-circuit faithfulness."""
+    """One row per faithfulness CSV under ``root`` with its CPR, CMD and own-circuit faithfulness (a CSV
+    whose ``evaluate`` run was interrupted, by its provenance record, is skipped with a warning)."""
     rows = []
     for path in sorted(Path(root).glob("**/circuits/*/*_faithfulness.csv")):
+        record = path.parents[2] / RECORDS_DIR / f"evaluate-{path.parent.name}.json"
+        key = read_key_file(record)
+        if key is not None and key.get(IN_PROGRESS):
+            log.warning(
+                "%s: skipped, its evaluate run did not finish (%s); rerun that run's stage=evaluate",
+                path,
+                record,
+            )
+            continue
         table = pd.read_csv(path)
         if not {"circuit", "faithfulness", "method", "model", "task"} <= set(table.columns) or not len(table):
             log.warning("%s is not a faithfulness table: skipped", path)
