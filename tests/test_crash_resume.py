@@ -184,6 +184,13 @@ STARTS: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "evaluate": ("discovered", ()),
     "compare_methods": ("discovered", ("compare_methods.methods=[eap]", "compare_methods.literature=false")),
     "dla": (None, ()),
+    "logit_lens": (None, ()),
+    "act_patch": (None, ()),
+    "path_patch": (None, ()),
+    "ablate": (None, ("ablate.heads=[[1,0],[1,1]]",)),
+    "attr_patch": (None, ()),
+    "heads": (None, ()),
+    "qk_ov": (None, ()),
 }
 
 
@@ -208,6 +215,13 @@ STARTS: dict[str, tuple[str | None, tuple[str, ...]]] = {
         ("evaluate", 1),
         ("compare_methods", 1),
         ("dla", 2),
+        ("logit_lens", 2),
+        ("act_patch", 2),
+        ("path_patch", 2),
+        ("ablate", 2),
+        ("attr_patch", 2),
+        ("heads", 2),
+        ("qk_ov", 2),
     ],
 )
 def test_sigkill_mid_write_then_rerun_gives_identical_artifacts(
