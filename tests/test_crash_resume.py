@@ -246,3 +246,25 @@ def test_sigkill_mid_write_then_rerun_gives_identical_artifacts(
     assert sorted(got) == sorted(want)
     differing = [name for name in want if want[name] != got[name]]
     assert not differing, differing
+
+
+@pytest.mark.slow
+@pytest.mark.cli
+def test_sweep_jobs_sharing_a_run_directory_keep_their_own_entries(toy_pruned: Path, tmp_path: Path) -> None:
+    """A ``-m`` sweep over compare.threshold in one run directory: each job has its own journal entry,
+    its own comparison files, and the summary names the threshold of the latest job."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(toy_pruned, run_dir)
+    args = [a for a in overrides("compare", run_dir, TOY) if not a.startswith("compare.threshold")]
+    env = dict(os.environ, ATTNCOMM_CACHE=str(fixtures.test_cache_dir()))
+    out = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run.py"), "-m", *args, "compare.threshold=0.25,0.5"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    compares = [e for e in manifest["jobs"].values() if e["stage"] == "compare"]
+    assert sorted(e["extra"]["threshold"] for e in compares) == [0.25, 0.5]
+    assert manifest["stages"]["compare"]["extra"]["threshold"] == 0.5
+    files = [sorted(str(f) for f in e["files"]) for e in compares]
+    assert files[0] != files[1] and all(files)  # each job's own outputs, not the other's
