@@ -48,7 +48,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if item.get_closest_marker(name):
                 item.add_marker(pytest.mark.xdist_group(name))
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if any(isinstance(v, str) and v in FULL_SUITE_ONLY for v in params.values()):
+        values = [x for v in params.values() for x in (v if isinstance(v, tuple) else (v,))]
+        if any(isinstance(v, str) and v in FULL_SUITE_ONLY for v in values):
             item.add_marker(pytest.mark.slow)
 
 
