@@ -22,6 +22,7 @@ from attncomm.io.provenance import (
     complete_stage_records,
     differences,
     guard_stage_outputs,
+    require_same_model_and_task,
     stage_key,
     stage_outputs,
     stage_outputs_current,
@@ -192,6 +193,8 @@ def test_outputs_of_an_unfinished_stage_are_not_taken_for_finished_ones(tmp_path
     with pytest.raises(StaleArtifactError, match=r"discover outputs .* are incomplete.*stage=discover"):
         guard_stage_outputs(cfg, consumer, "evaluate")
     assert not stage_outputs_current(cfg, consumer, "discover")
+    with pytest.raises(StaleArtifactError, match=r"are incomplete.*stage=discover"):  # nor compare_methods
+        require_same_model_and_task(cfg, consumer, "compare_methods", record, "stage=discover")
     rerun = ctx_for(cfg, tmp_path / "run")
     guard_stage_outputs(cfg, rerun, "discover")  # the same settings: no refusal
     complete_stage_records(rerun)
@@ -322,6 +325,7 @@ def test_compare_methods_refuses_edge_scores_of_other_prompts(tmp_path: Path) ->
     other = config(**{"task.seed": 1})
     ctx = ctx_for(other, tmp_path / "run")
     guard_stage_outputs(other, ctx, "discover")  # discover-eap's record, made with task.seed=1
+    complete_stage_records(ctx)  # as the discover stage does when it returns
     edges = ctx.run_dir / "circuits" / "eap" / f"{BUILDER}_ioi_edges.json"
     edges.parent.mkdir(parents=True, exist_ok=True)
     edges.write_text("{}")  # refused before it is read

@@ -532,6 +532,15 @@ def stage_outputs(ctx: Any, stage: str) -> list[Path]:
     return sorted(p for p in folder.glob(spec.pattern) if p.is_file() and not p.name.startswith("."))
 
 
+def require_finished(recorded: Mapping[str, Any], what: str, path: Path, redo: str, run_dir: Path) -> None:
+    """Refuse outputs whose record is still marked in progress (the run writing them was killed)."""
+    if recorded.get(IN_PROGRESS):
+        raise StaleArtifactError(
+            f"{what} are incomplete (the run that writes them did not finish, see {path}). Complete "
+            f"them with {redo} and the same settings (run directory: {run_dir})"
+        )
+
+
 def require_stage_inputs_match(cfg: Any, ctx: Any, stage: str) -> None:
     """Refuse inputs on disk whose recorded key differs from the one this job's config gives them.
 
@@ -545,12 +554,8 @@ def require_stage_inputs_match(cfg: Any, ctx: Any, stage: str) -> None:
         recorded = read_key_file(path)
         if recorded is None:
             continue
-        if recorded.get(IN_PROGRESS):
-            raise StaleArtifactError(
-                f"{stage}: the {upstream} outputs in {STAGE_KEYS[upstream].folder(ctx)} are incomplete "
-                f"(the {upstream} run that writes them did not finish, see {path}). Complete them with "
-                f"stage={upstream} and the same settings (run directory: {ctx.run_dir})"
-            )
+        require_finished(recorded, f"{stage}: the {upstream} outputs in {STAGE_KEYS[upstream].folder(ctx)}",
+                         path, f"stage={upstream}", ctx.run_dir)  # fmt: skip
         expected = stage_key(cfg, upstream, ctx)
         diff = differences({k: recorded.get(k) for k in expected}, expected)
         if diff:
@@ -651,6 +656,7 @@ def require_same_model_and_task(cfg: Any, ctx: Any, stage: str, record: Path, re
     recorded = read_key_file(record)
     if recorded is None:
         return
+    require_finished(recorded, f"{stage}: the outputs recorded in {record}", record, redo, ctx.run_dir)
     expected = {**model_key_or_name(cfg), **task_identity(cfg), "device.dtype": cfg.device.dtype}
     expected.pop("model.name", None)  # weights not found here: compare the rest
     diff = differences({k: recorded.get(k) for k in expected}, expected)
