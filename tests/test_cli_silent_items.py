@@ -9,15 +9,13 @@ no record is lost. The in-process versions are in tests/test_provenance.py.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
 from attncomm.runtime.config import package_path
 from tests.test_framework import run_cli
+from tests.test_provenance import perturbed_copy
 
 TOY = "toy-ioi"  # the shipped model: no build needed
 BASE = ["model=toy-ioi", "task=ioi", "task.n_prompts=2", "logger.mode=disabled"]
@@ -25,13 +23,7 @@ BASE = ["model=toy-ioi", "task=ioi", "task.n_prompts=2", "logger.mode=disabled"]
 
 def other_weights(tmp_path: Path) -> Path:
     """toy-ioi's directory with perturbed weights (same architecture, same config)."""
-    target = tmp_path / "other-weights"
-    shutil.copytree(package_path(f"toys/{TOY}"), target)
-    for path in target.glob("*.safetensors"):
-        tensors = load_file(path)
-        gen = torch.Generator().manual_seed(7)
-        save_file({k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in tensors.items()}, path)
-    return target
+    return perturbed_copy(tmp_path, "other-weights", package_path(f"toys/{TOY}"), seed=7)
 
 
 def ok(out: object) -> str:

@@ -60,14 +60,16 @@ def config(model: ModelConfig | None = None, n: int = N, **trace: object) -> App
     return cfg
 
 
-def perturbed_copy(tmp_path: Path, name: str = "other") -> Path:
-    """A copy of the tiny test model's directory with different weights (same architecture)."""
-    source = resolve_model_dir(fixtures.tiny_model_config(BUILDER), fixtures.test_cache_dir())
+def perturbed_copy(tmp_path: Path, name: str = "other", source: Path | None = None, seed: int = 1) -> Path:
+    """A copy of a model directory (default: the tiny test model's) with different weights (same
+    architecture and config)."""
+    if source is None:
+        source = Path(resolve_model_dir(fixtures.tiny_model_config(BUILDER), fixtures.test_cache_dir()))
     target = tmp_path / name
     shutil.copytree(source, target)
     for path in target.glob("*.safetensors"):
         tensors = load_file(path)
-        gen = torch.Generator().manual_seed(1)
+        gen = torch.Generator().manual_seed(seed)
         save_file({k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in tensors.items()}, path)
     return target
 
