@@ -3,8 +3,11 @@
 ``python -m attncomm.bench all`` (``make bench``) prints one JSON line per measurement:
 
 * ``trace`` -- the 8 IOI prompts: firings/s, Omega SVD seconds, model load seconds cold (weights
-  processed by TransformerLens) and warm (served from the processed-weight cache), the import time of
-  the TransformerLens bridge (paid once per process, not part of either load), peak RSS;
+  processed by TransformerLens) and warm (served from the processed-weight cache), warm as ``stage=trace``
+  loads it (``load_seconds_tracing``: the plain forward of ``attncomm.models.plain_model``), the import
+  time of the TransformerLens bridge (paid once per process, not part of either load), peak RSS;
+* ``e2e`` -- ``python run.py stage=trace`` on the same 8 IOI prompts from process start to exit, warm
+  (caches filled by a first run; each measured run traces into a fresh run directory);
 * ``induction`` -- one induction prompt of each of 64, 256 and 1024 tokens, each measured in its own
   subprocess so that ``peak_rss_mb`` is that measurement's alone: ``tokens_per_prompt``, ``firings``,
   ``seconds`` (tracing of that prompt, forward pass included), ``firings_per_s``, ``peak_rss_mb``
@@ -33,12 +36,14 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from attncomm.methods.acc_tracing import build_omega_cache, trace_prompts
 from attncomm.models.adapter import ModelAdapter, load_model
+from attncomm.models.plain_model import PlainModel, load_tracing_model
 from attncomm.runtime.cache_root import default_cache_dir
 from attncomm.runtime.config import ModelConfig
 from attncomm.tasks import get_task
@@ -81,6 +86,13 @@ def _load(dtype: torch.dtype, weight_cache: bool = True) -> tuple[ModelAdapter, 
     return model, time.perf_counter() - t0
 
 
+def _load_tracing(dtype: torch.dtype) -> tuple[ModelAdapter | PlainModel, float]:
+    """The model as ``stage=trace`` loads it (the plain forward for this GPT-2 model), and the seconds."""
+    t0 = time.perf_counter()
+    model = load_tracing_model(model_config(), device="cpu", dtype=dtype, cache_dir=default_cache_dir())
+    return model, time.perf_counter() - t0
+
+
 def bench_trace(
     n_prompts: int, task_name: str, dtype: torch.dtype, seed: int = 0, progress: bool = False
 ) -> dict[str, Any]:
@@ -95,7 +107,9 @@ def bench_trace(
         _load(dtype, weight_cache=False)
     _, cold_s = _load(dtype, weight_cache=False)  # TransformerLens processes the weights
     _load(dtype)  # make sure the processed-weight cache exists
-    model, warm_s = _load(dtype)
+    _, warm_s = _load(dtype)
+    _load_tracing(dtype)  # make sure the plain-forward cache exists
+    model, plain_s = _load_tracing(dtype)
     task = get_task(task_name)
     prompts = task.make_prompts(model.tokenizer, n_prompts, seed=seed, prepend_bos=cfg.prepend_bos)
 
@@ -127,9 +141,57 @@ def bench_trace(
         "load_seconds": round(warm_s, 3),
         "load_seconds_cold": round(cold_s, 3),
         "load_seconds_warm": round(warm_s, 3),
+        "load_seconds_tracing": round(plain_s, 3),
+        "tracing_model": type(model).__name__,
         "import_seconds": round(import_s, 3),
         "torch_threads": torch.get_num_threads(),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
+    }
+
+
+#: the end-to-end command of the issue's target (8 IOI prompts on gpt2-small-random, logging off)
+E2E_ARGS = (
+    "stage=trace",
+    "model=gpt2-small-random",
+    "task=ioi",
+    "task.n_prompts=8",
+    "trace.skip_incorrect=false",
+    "logger.mode=disabled",
+)
+
+
+def bench_e2e(runs: int = 3, timeout: float = 600.0) -> dict[str, Any]:
+    """``python run.py stage=trace ...`` (:data:`E2E_ARGS`) from process start to exit, warm: a first run
+    fills the caches (test model, processed weights, plain forward), then ``runs`` runs each trace the 8
+    prompts into a fresh run directory. Reports every run's wall seconds and their minimum and median."""
+    run_py = Path(__file__).resolve().parent.parent / "run.py"
+    if not run_py.is_file():
+        return {"bench": "e2e", "error": f"{run_py} not found (run from a source checkout)"}
+    seconds: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="attncomm-e2e-") as tmp:
+        for i in range(runs + 1):
+            cmd = [
+                sys.executable,
+                str(run_py),
+                *E2E_ARGS,
+                f"paths.root={tmp}/{i}",
+                f"hydra.run.dir={tmp}/h{i}",
+            ]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+            elapsed = time.perf_counter() - t0
+            if proc.returncode != 0:
+                tail = proc.stderr.strip().splitlines()[-3:]
+                return {"bench": "e2e", "error": f"exit {proc.returncode}", "stderr": tail}
+            if i:  # the first run only warms the caches
+                seconds.append(round(elapsed, 3))
+    return {
+        "bench": "e2e",
+        "command": "python run.py " + " ".join(E2E_ARGS),
+        "runs": seconds,
+        "seconds_min": min(seconds),
+        "seconds_median": sorted(seconds)[len(seconds) // 2],
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0, 1),
     }
 
 
@@ -290,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     ind.add_argument("--tokens", type=int, default=256)
     ind.add_argument("--max-memory-gb", type=float, default=None)
     ind.add_argument("--max-rss-gb", type=float, default=None, help="stop (error line) past this RSS")
+    e2e = sub.add_parser("e2e", help="python run.py stage=trace (8 IOI prompts) from start to exit, warm")
+    e2e.add_argument("--runs", type=int, default=3)
     every = sub.add_parser("all", help="trace (IOI) and induction at 64/256/1024 tokens, a subprocess each")
     every.add_argument("--tokens", type=int, nargs="+", default=list(INDUCTION_TOKENS))
     every.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
@@ -318,11 +382,16 @@ def main(argv: list[str] | None = None) -> int:
         common = ["--dtype", args.dtype, "--seed", str(args.seed), "--threads", str(args.threads)]
         sys.stdout.write(_subprocess_line(["trace", "--prompts", "8", *common], args.timeout) + "\n")
         sys.stdout.flush()
+        sys.stdout.write(json.dumps(bench_e2e(timeout=args.timeout)) + "\n")
+        sys.stdout.flush()
         guard = [] if args.max_rss_gb is None else ["--max-rss-gb", str(args.max_rss_gb)]
         for tokens in args.tokens:
             line = _subprocess_line(["induction", "--tokens", str(tokens), *common, *guard], args.timeout)
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
+        return 0
+    if args.command == "e2e":
+        sys.stdout.write(json.dumps(bench_e2e(args.runs)) + "\n")
         return 0
     torch.set_grad_enabled(False)
     if args.threads:

@@ -10,7 +10,6 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from attncomm.models import adapter as adapter_mod
 from attncomm.models.adapter import _with_bos, load_model
 from attncomm.models.gpt2_tokenizer import gpt2_tokenizer
 from tests.models_fixtures import test_cache_dir, tiny_model_config
@@ -46,7 +45,6 @@ def test_load_reads_the_tokenizer_once(builder: str, monkeypatch: pytest.MonkeyP
     load_model(tiny_model_config(builder), cache_dir=test_cache_dir())  # the model dir exists afterwards
     calls.clear()
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(counting))
-    monkeypatch.setattr(adapter_mod, "AutoTokenizer", AutoTokenizer)
     model = load_model(tiny_model_config(builder), cache_dir=test_cache_dir())
     assert len(calls) == 1, calls
     tokens = model.to_tokens(TEXTS[0], prepend_bos=True)

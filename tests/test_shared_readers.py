@@ -15,7 +15,7 @@ from attncomm.core.term_statistics import head_grid
 from attncomm.io.artifacts import RunArtifacts
 from attncomm.io.results import FiringKey, FiringRecord, PromptRecord, read_term_lengths, write_results
 from attncomm.models.dimensions import model_dims
-from attncomm.models.random_models import built_model_dir
+from attncomm.runtime.cache_root import built_model_dir
 from attncomm.runtime.config import ModelConfig
 
 H = 3  # heads of the hand-made results

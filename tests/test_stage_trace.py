@@ -188,3 +188,29 @@ def test_bad_shard_is_a_clear_error(tmp_path: Path) -> None:
     cfg = config("tiny-gpt2", 2, shard=2, n_shards=2)
     with pytest.raises(Exception, match="need 0 <= shard < n_shards"):
         run_trace(cfg, RunContext.for_tests(cfg, tmp_path))
+
+
+@pytest.mark.slow
+def test_trace_through_the_plain_forward_writes_the_bridges_bytes(tmp_path: Path) -> None:
+    """GPT-2 models trace through the plain forward (cold: built from the bridge; warm: from its cache
+    file); every artifact is byte for byte what tracing through the bridge writes."""
+    import dataclasses
+
+    kinds: dict[str, str] = {}
+    for name, weight_cache in (("bridge", False), ("cold", True), ("warm", True)):
+        cfg = config("tiny-gpt2", 12)
+        cfg.model = dataclasses.replace(cfg.model, weight_cache=weight_cache)
+        cfg.paths.cache_dir = str(tmp_path / "cache")
+        ctx = RunContext.for_tests(cfg, tmp_path / name)
+        run_trace(cfg, ctx)
+        kinds[name] = type(ctx.tracing_model).__name__
+    assert kinds == {"bridge": "ModelAdapter", "cold": "PlainModel", "warm": "PlainModel"}
+    files = sorted(
+        p.relative_to(tmp_path / "bridge")
+        for p in (tmp_path / "bridge").rglob("*")
+        if p.is_file() and p.suffix in (".h5", ".graphml")
+    )
+    assert any(f.suffix == ".graphml" for f in files) and any(f.suffix == ".h5" for f in files)
+    for name in ("cold", "warm"):
+        for f in files:
+            assert (tmp_path / name / f).read_bytes() == (tmp_path / "bridge" / f).read_bytes(), (name, f)

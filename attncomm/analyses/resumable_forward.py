@@ -155,18 +155,18 @@ def layer_norm(x: Float[Tensor, "... d_model"], eps: float) -> Float[Tensor, "..
 
 def mlp(w: StackWeights, layer: int, resid_mid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
     """The MLP's write at every position given (position-wise)."""
-    hidden = w.act(_affine(layer_norm(resid_mid, w.eps), w.W_in[layer], w.b_in[layer]))
-    return _affine(hidden, w.W_out[layer], w.b_out[layer])
+    hidden = w.act(affine(layer_norm(resid_mid, w.eps), w.W_in[layer], w.b_in[layer]))
+    return affine(hidden, w.W_out[layer], w.b_out[layer])
 
 
-def _affine(x: Float[Tensor, "... d_in"], W: Tensor, b: Tensor) -> Float[Tensor, "... d_out"]:
+def affine(x: Float[Tensor, "... d_in"], W: Tensor, b: Tensor) -> Float[Tensor, "... d_out"]:
     """``x @ W + b`` in one fused product (``addmm``) over the flattened leading dimensions."""
     return torch.addmm(b, x.reshape(-1, x.shape[-1]), W).reshape(*x.shape[:-1], W.shape[-1])
 
 
 def attn_out(w: StackWeights, layer: int, z: Float[Tensor, "batch pos head_index d_head"]) -> Tensor:
     """The attention block's write ``sum_h z_h W_O[h] + b_O`` ``[batch pos d_model]``."""
-    return _affine(z.flatten(-2), w.W_O[layer], w.b_O[layer])
+    return affine(z.flatten(-2), w.W_O[layer], w.b_O[layer])
 
 
 def block(
@@ -183,7 +183,7 @@ def block(
     """
     B, S, _ = resid.shape
     H, dh = w.n_heads, w.d_head
-    qkv = _affine(layer_norm(resid, w.eps), w.W_QKV[layer], w.b_QKV[layer])
+    qkv = affine(layer_norm(resid, w.eps), w.W_QKV[layer], w.b_QKV[layer])
     q, k, v = einops.rearrange(qkv, "b s (three h e) -> three b h s e", three=3, h=H, e=dh)
     if p0 > 0:
         assert k_prefix is not None and v_prefix is not None
@@ -231,10 +231,10 @@ def final_block_at(
     H, dh = w.n_heads, w.d_head
     rows = torch.arange(B, device=resid.device)
     x = layer_norm(resid, w.eps)
-    kv = _affine(x, w.W_QKV[layer][:, H * dh :], w.b_QKV[layer][H * dh :])
+    kv = affine(x, w.W_QKV[layer][:, H * dh :], w.b_QKV[layer][H * dh :])
     k, v = einops.rearrange(kv, "b s (two h e) -> two b h s e", two=2, h=H, e=dh)
     q = einops.rearrange(
-        _affine(x[rows, at], w.W_QKV[layer][:, : H * dh], w.b_QKV[layer][: H * dh]), "b (h e) -> b h 1 e", h=H
+        affine(x[rows, at], w.W_QKV[layer][:, : H * dh], w.b_QKV[layer][: H * dh]), "b (h e) -> b h 1 e", h=H
     )
     if p0 > 0:
         assert k_prefix is not None and v_prefix is not None
@@ -296,7 +296,7 @@ def resume(
 
 def unembed(w: StackWeights, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
     """Logits of final residuals (the final norm's gain is folded into ``W_U``)."""
-    return _affine(layer_norm(resid, w.eps), w.W_U, w.b_U)
+    return affine(layer_norm(resid, w.eps), w.W_U, w.b_U)
 
 
 def matches_bridge(

@@ -46,6 +46,8 @@ from attncomm.tasks.base import Task, TaskPrompts
 if TYPE_CHECKING:
     import pandas as pd
 
+    from attncomm.models.plain_model import PlainModel
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -86,7 +88,7 @@ class PromptTrace:
         return None if self.edges is None else self.edges.to_graph()
 
 
-def build_omega_cache(model: ModelAdapter, dtype: torch.dtype = torch.float32) -> OmegaCache:
+def build_omega_cache(model: ModelAdapter | PlainModel, dtype: torch.dtype = torch.float32) -> OmegaCache:
     """An :class:`OmegaCache` over the model's processed (GQA-expanded) weights and its own rotary tables."""
     a, w = model.arch, model.weights
     return OmegaCache(
@@ -103,7 +105,7 @@ def build_omega_cache(model: ModelAdapter, dtype: torch.dtype = torch.float32) -
     )
 
 
-def needed_hooks(model: ModelAdapter) -> list[str]:
+def needed_hooks(model: ModelAdapter | PlainModel) -> list[str]:
     """The hook names tracing reads (nothing else is cached): every component write and ``ln1`` scale
     (:func:`~attncomm.core.edge_interventions.needed_hooks`), the ``ln_final`` scale and each layer's
     normalized head input."""
@@ -112,7 +114,7 @@ def needed_hooks(model: ModelAdapter) -> list[str]:
     return names
 
 
-def signal_hooks(model: ModelAdapter) -> list[str]:
+def signal_hooks(model: ModelAdapter | PlainModel) -> list[str]:
     """The hook names the control-signal analysis reads: each layer's normalized input and pattern."""
     return [
         n for layer in range(model.arch.n_layers) for n in (model.ln1_normalized(layer), model.pattern(layer))
@@ -120,7 +122,7 @@ def signal_hooks(model: ModelAdapter) -> list[str]:
 
 
 def cached_batches(
-    model: ModelAdapter, prompts: TaskPrompts, names: Sequence[str], batch_size: int
+    model: ModelAdapter | PlainModel, prompts: TaskPrompts, names: Sequence[str], batch_size: int
 ) -> Iterator[tuple[list[int], TaskPrompts, Tensor, dict[str, Tensor]]]:
     """Run ``model`` on ``prompts`` in batches of ``batch_size`` rows, caching only ``names``.
 
@@ -135,7 +137,7 @@ def cached_batches(
         yield (rows, sub, *model.run_with_cache(sub.tokens[:, :width], names))
 
 
-def cache_bytes(model: ModelAdapter, n_pos: int) -> int:
+def cache_bytes(model: ModelAdapter | PlainModel, n_pos: int) -> int:
     """Bytes of the hooks :func:`needed_hooks` caches for one prompt of ``n_pos`` tokens (model dtype)."""
     a = model.arch
     per_layer = a.n_heads * n_pos * n_pos + n_pos * (3 * a.d_model + a.n_kv_heads * a.d_head + 4)
@@ -143,7 +145,7 @@ def cache_bytes(model: ModelAdapter, n_pos: int) -> int:
 
 
 def _prompt_tensors(
-    model: ModelAdapter,
+    model: ModelAdapter | PlainModel,
     cache: dict[str, Tensor],
     row: int,
     end: int,
@@ -207,7 +209,7 @@ def _prompt_tensors(
 
 
 def trace_prompts(
-    model: ModelAdapter,
+    model: ModelAdapter | PlainModel,
     task: Task,
     prompts: TaskPrompts,
     *,

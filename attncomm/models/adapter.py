@@ -68,20 +68,21 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from attncomm.core.types import ArchFacts, HeadWeights
 from attncomm.errors import AttncommError
 from attncomm.models.architectures import family_of_config, read_family, resolve_model_config
-from attncomm.models.gpt2_tokenizer import save_gpt2_tokenizer
-from attncomm.models.random_models import BUILDERS, build_model_dir
+from attncomm.models.hook_names import HookNames
 from attncomm.runtime.cache_root import default_cache_dir
 from attncomm.runtime.config import ModelConfig
+
+if TYPE_CHECKING:  # transformers is imported where a tokenizer is loaded (not on tracing's fast start)
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,8 @@ def resolve_model_dir(cfg: ModelConfig, cache_dir: Path | None = None) -> Path |
             )
         return path
     if cfg.builder:
+        from attncomm.models.random_models import BUILDERS, build_model_dir
+
         if cfg.builder not in BUILDERS:
             raise ValueError(
                 f"model {cfg.name!r}: unknown model.builder={cfg.builder!r}; valid builders: "
@@ -141,6 +144,8 @@ def resolve_model_dir(cfg: ModelConfig, cache_dir: Path | None = None) -> Path |
         return build_model_dir(cfg.builder, root)
     if cfg.hf_name:
         return _resolve_hub(cfg)
+    from attncomm.models.random_models import BUILDERS
+
     raise ValueError(
         f"model {cfg.name!r} names no weights: set model.path (local HF dir), model.builder "
         f"({', '.join(sorted(BUILDERS))}) or model.hf_name"
@@ -196,6 +201,8 @@ def _offline_gpt2_tokenizer_dir(root: Path) -> Path:
     if not (target / "tokenizer_config.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".gpt2-offline-", dir=target.parent))
+        from attncomm.models.gpt2_tokenizer import save_gpt2_tokenizer
+
         save_gpt2_tokenizer(str(tmp))
         try:
             tmp.rename(target)
@@ -204,12 +211,19 @@ def _offline_gpt2_tokenizer_dir(root: Path) -> Path:
     return target
 
 
+def tokenizer_location(cfg: ModelConfig, source: Path | str, cache_root: Path) -> Path | str:
+    """Where ``cfg``'s tokenizer is read from: the saved offline GPT-2 tokenizer, ``model.tokenizer`` (a
+    directory or hub id) or the model's own directory."""
+    if cfg.tokenizer == "gpt2-offline":
+        return _offline_gpt2_tokenizer_dir(cache_root)
+    return cfg.tokenizer or source
+
+
 def _load_tokenizer(cfg: ModelConfig, source: Path | str, cache_root: Path) -> PreTrainedTokenizerBase:
     """The tokenizer named by ``cfg.tokenizer`` (``gpt2-offline``, a dir or hub id), else the model's own."""
-    if cfg.tokenizer == "gpt2-offline":
-        where: Path | str = _offline_gpt2_tokenizer_dir(cache_root)
-    else:
-        where = cfg.tokenizer or source
+    from transformers import AutoTokenizer
+
+    where = tokenizer_location(cfg, source, cache_root)
     try:
         tok = AutoTokenizer.from_pretrained(str(where))
     except (OSError, ValueError) as err:
@@ -325,7 +339,7 @@ def _positive_or_none(value: Any) -> float | None:
     return float(value) if value is not None and float(value) > 0 else None
 
 
-class ModelAdapter:
+class ModelAdapter(HookNames):
     """A loaded, processed model: its bridge, tokenizer, architecture facts, weights and hook names."""
 
     def __init__(
@@ -471,61 +485,7 @@ class ModelAdapter:
             **asdict(self.arch),
         }
 
-    # ---- hook names -------------------------------------------------------------------------
-
-    def resid_pre(self, layer: int) -> str:
-        """Residual stream entering block ``layer`` (``blocks.0``: the embedding)."""
-        return f"blocks.{layer}.hook_resid_pre"
-
-    def ln1_normalized(self, layer: int) -> str:
-        """Attention input after normalisation, before the (folded) gain: ``x_t`` of docs/METHOD.md."""
-        return f"blocks.{layer}.ln1.hook_normalized"
-
-    def ln1_scale(self, layer: int) -> str:
-        """``scale_t`` of the attention input norm, shape ``[batch pos 1]``."""
-        return f"blocks.{layer}.ln1.hook_scale"
-
-    def attn_scores(self, layer: int) -> str:
-        """Pre-softmax scores divided by ``attn_scale`` (Gemma-2: after the softcap), causal-masked."""
-        return f"blocks.{layer}.attn.hook_attn_scores"
-
-    def pattern(self, layer: int) -> str:
-        """Attention pattern ``[batch head_index query_pos key_pos]``."""
-        return f"blocks.{layer}.attn.hook_pattern"
-
-    def q(self, layer: int) -> str:
-        """Queries before rotary, ``[batch pos head_index d_head]``."""
-        return f"blocks.{layer}.attn.hook_q"
-
-    def k(self, layer: int) -> str:
-        """Keys before rotary, ``[batch pos kv_head d_head]`` (kv heads for GQA models)."""
-        return f"blocks.{layer}.attn.hook_k"
-
-    def v(self, layer: int) -> str:
-        """Values ``[batch pos kv_head d_head]`` (kv heads for GQA models)."""
-        return f"blocks.{layer}.attn.hook_v"
-
-    def z(self, layer: int) -> str:
-        """Per-head attention-weighted values ``[batch pos head_index d_head]``."""
-        return f"blocks.{layer}.attn.hook_z"
-
-    def attn_out(self, layer: int) -> str:
-        """The attention block's write into the residual (Gemma-2: after ``ln1_post``)."""
-        return f"blocks.{layer}.hook_attn_out"
-
-    def mlp_out(self, layer: int) -> str:
-        """The MLP's write into the residual (Gemma-2: after ``ln2_post``)."""
-        return f"blocks.{layer}.hook_mlp_out"
-
-    def ln1_post_scale(self, layer: int) -> str:
-        """Scale of Gemma-2's post-attention norm; raises for models without one."""
-        if not self.arch.post_attn_norm:
-            raise ValueError(f"model {self.cfg.name!r} has no post-attention norm (ln1_post)")
-        return f"blocks.{layer}.ln1_post.hook_scale"
-
-    def ln_final_scale(self) -> str:
-        """Scale of the final norm, ``[batch pos 1]``."""
-        return "ln_final.hook_scale"
+    # ---- hook names: HookNames (resid_pre, ln1_scale, pattern, ...) and the split-qkv inputs ----
 
     def q_input(self, layer: int) -> str:
         """Per-head query input ``[batch pos head_index d_model]`` (turns split-qkv input on)."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attncomm.models.random_models import built_model_dir
+from attncomm.runtime.cache_root import built_model_dir
 from attncomm.runtime.config import ModelConfig
 
 log = logging.getLogger(__name__)

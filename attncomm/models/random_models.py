@@ -15,10 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import transformers
 from torch import nn
 
-from attncomm.models.gpt2_tokenizer import save_gpt2_tokenizer
+from attncomm.runtime.cache_root import built_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +57,8 @@ def _scale_attention(model: nn.Module, q_scale: float) -> None:
 
 def build_tiny_gpt2() -> nn.Module:
     """A 3-layer GPT-2 (d_model 64, 4 heads, 128 positions, GPT-2 vocabulary) with random norms."""
+    import transformers
+
     torch.manual_seed(1)
     cfg = transformers.GPT2Config(
         n_layer=3,
@@ -80,6 +81,8 @@ def build_tiny_gpt2() -> nn.Module:
 
 def build_tiny_pythia() -> nn.Module:
     """A 3-layer GPT-NeoX (Pythia layout: rotary on 25% of d_head, parallel attention, padded vocab)."""
+    import transformers
+
     torch.manual_seed(2)
     cfg = transformers.GPTNeoXConfig(
         hidden_size=64,
@@ -109,6 +112,8 @@ def build_tiny_pythia() -> nn.Module:
 
 def build_tiny_gemma2() -> nn.Module:
     """A 2-layer Gemma-2 (GQA 4 query / 2 kv heads, head_dim 16, softcaps, post-norms, GPT-2 vocab)."""
+    import transformers
+
     torch.manual_seed(3)
     cfg = transformers.Gemma2Config(
         vocab_size=GPT2_VOCAB,
@@ -177,6 +182,8 @@ def _llama_like(config_cls: type, model_cls: type, seed: int, **overrides: objec
 
 def build_tiny_llama() -> nn.Module:
     """A 2-layer Llama (Llama-3 layout: GQA 4 query / 2 kv heads, no biases, tied embeddings)."""
+    import transformers
+
     return _llama_like(
         transformers.LlamaConfig,
         transformers.LlamaForCausalLM,
@@ -189,6 +196,8 @@ def build_tiny_llama() -> nn.Module:
 
 def build_tiny_qwen2() -> nn.Module:
     """A 2-layer Qwen2 (GQA 4 query / 2 kv heads, q/k/v biases, tied embeddings)."""
+    import transformers
+
     return _llama_like(
         transformers.Qwen2Config,
         transformers.Qwen2ForCausalLM,
@@ -201,6 +210,8 @@ def build_tiny_qwen2() -> nn.Module:
 
 def build_tiny_mistral() -> nn.Module:
     """A 2-layer Mistral (GQA 4 query heads sharing 1 kv head, no biases, untied unembedding)."""
+    import transformers
+
     return _llama_like(
         transformers.MistralConfig,
         transformers.MistralForCausalLM,
@@ -214,6 +225,8 @@ def build_tiny_mistral() -> nn.Module:
 
 def build_gpt2_small_random() -> nn.Module:
     """GPT-2 small shapes, built exactly as ``shared/tools/make_random_gpt2.py`` (same seed and draws)."""
+    import transformers
+
     torch.manual_seed(0)
     std = 0.8 / 768**0.5
     cfg = transformers.GPT2Config(
@@ -248,6 +261,8 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
 
 def write_model_dir(builder: str, directory: Path) -> Path:
     """Build ``builder``'s model and save it, with the offline GPT-2 tokenizer, into ``directory``."""
+    from attncomm.models.gpt2_tokenizer import save_gpt2_tokenizer
+
     if builder not in BUILDERS:
         raise ValueError(
             f"unknown test-model builder {builder!r}; valid builders: {', '.join(sorted(BUILDERS))} "
@@ -258,11 +273,6 @@ def write_model_dir(builder: str, directory: Path) -> Path:
     model.save_pretrained(directory)
     save_gpt2_tokenizer(str(directory))
     return directory
-
-
-def built_model_dir(builder: str, cache_dir: str | Path) -> Path:
-    """``{cache_dir}/models/{builder}``: where :func:`build_model_dir` puts a built test model."""
-    return Path(cache_dir) / "models" / builder
 
 
 def build_model_dir(builder: str, cache_dir: Path) -> Path:

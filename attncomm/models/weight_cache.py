@@ -50,6 +50,7 @@ __all__ = [
     "checkpoint_files",
     "checkpoint_hash",
     "processed_weights_cache",
+    "save_tensors",
     "versions",
 ]
 
@@ -127,7 +128,7 @@ def _input_signature(state_dict: dict[str, Any]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     """Write ``tensors`` (copies: the originals may share storage) atomically."""
     from safetensors.torch import save_file
 
@@ -203,7 +204,7 @@ def processed_weights_cache(
                 "names": json.dumps(sorted(out)),
             }
             try:
-                _save(path, out, meta)
+                save_tensors(path, out, meta)
                 logger.info("processed weights of %s cached in %s", short_name, path)
             except (OSError, RuntimeError, ValueError) as err:
                 logger.warning("could not write the weight cache %s (%s); continuing without it", path, err)

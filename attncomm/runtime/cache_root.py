@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["CACHE_ENV", "DEFAULT_CACHE_DIR", "HYDRA_CACHE_DIR", "default_cache_dir"]
+__all__ = ["CACHE_ENV", "DEFAULT_CACHE_DIR", "HYDRA_CACHE_DIR", "built_model_dir", "default_cache_dir"]
 
 #: the environment variable naming the cache root
 CACHE_ENV = "ATTNCOMM_CACHE"
@@ -23,3 +23,8 @@ HYDRA_CACHE_DIR = "${oc.env:" + CACHE_ENV + ",${oc.env:HOME}/" + DEFAULT_CACHE_D
 def default_cache_dir() -> Path:
     """``$ATTNCOMM_CACHE``, else ``~/.cache/attncomm`` (user-expanded; not created)."""
     return Path(os.environ.get(CACHE_ENV, DEFAULT_CACHE_DIR)).expanduser()
+
+
+def built_model_dir(builder: str, cache_dir: str | Path) -> Path:
+    """``{cache_dir}/models/{builder}``: where a built test model (``model.builder``) is saved."""
+    return Path(cache_dir) / "models" / builder

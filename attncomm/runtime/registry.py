@@ -30,6 +30,7 @@ from attncomm.runtime.tracking import Tracker
 
 if TYPE_CHECKING:
     from attncomm.models.adapter import ModelAdapter
+    from attncomm.models.plain_model import PlainModel
     from attncomm.tasks.base import Task, TaskPrompts
 
 log = logging.getLogger(__name__)
@@ -379,6 +380,26 @@ class RunContext:
         return load_model(self.cfg.model, device=str(self.device), dtype=self.dtype, cache_dir=self.cache_dir)
 
     @cached_property
+    def tracing_model(self) -> ModelAdapter | PlainModel:
+        """The model as the trace stage runs it: the plain forward for GPT-2-family models (no bridge,
+        see ``models.plain_model``), else :attr:`model` itself."""
+        if "model" in self.__dict__:
+            loaded = self.__dict__["model"]
+            if loaded.cfg.family != "gpt2":
+                return loaded
+        from attncomm.models.plain_model import load_tracing_model
+
+        return load_tracing_model(
+            self.cfg.model, device=str(self.device), dtype=self.dtype, cache_dir=self.cache_dir
+        )
+
+    def _loaded_model(self) -> ModelAdapter | PlainModel:
+        """The model this job has loaded (the tracing model when only it is), else :attr:`model`."""
+        if "model" not in self.__dict__ and "tracing_model" in self.__dict__:
+            return self.__dict__["tracing_model"]
+        return self.model
+
+    @cached_property
     def task(self) -> Task:
         from attncomm.tasks import get_task, task_kwargs
 
@@ -396,7 +417,8 @@ class RunContext:
     def prompts(self) -> TaskPrompts:
         """The task's prompts for this job's N and seed, tokenized by the model's tokenizer."""
         task = self.task  # first: a prompt file's format errors need no model loaded
-        tok = self.model.tokenizer
+        loaded = self._loaded_model()  # tracing's plain model tokenizes as the bridge's (checked)
+        tok = loaded.tokenizer
         task.check_tokenizer(tok)
         tc = self.cfg.task
         try:
@@ -410,7 +432,7 @@ class RunContext:
                 f"task={tc.name} task.n_prompts={tc.n_prompts} task.prompt_type={tc.prompt_type} "
                 f"task.options={dict(tc.options)}: {err}"
             ) from err
-        n_ctx = self.model.arch.n_ctx
+        n_ctx = loaded.arch.n_ctx
         if prompts.tokens.shape[1] > n_ctx:
             raise ConfigError(
                 f"task={tc.name} makes prompts of {prompts.tokens.shape[1]} tokens but model "

@@ -134,7 +134,7 @@ def run_trace(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     )
     n_firings = 0
     if todo:
-        model, task = ctx.model, ctx.task
+        model, task = ctx.tracing_model, ctx.task
         prompts = ctx.prompts.subset(todo)
         for pt in trace_prompts(
             model,

@@ -30,15 +30,17 @@ import logging
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-from transformers import PreTrainedTokenizerBase
 
 from attncomm.io.prompt_files import PromptFileError, PromptRow, read_prompt_file
 from attncomm.tasks.base import Task, TaskPrompts, at_end, bos_id, check_n, check_options, encode, pad_id
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 

@@ -25,10 +25,9 @@ the clean one.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
 
 from attncomm.tasks.base import (
     TaskPrompts,
@@ -41,6 +40,9 @@ from attncomm.tasks.base import (
     single_token,
     word_token_positions,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 TEMPLATES: tuple[str, ...] = (
     "So {name} is a really great friend, isn't",

@@ -32,13 +32,12 @@ clean one; for GPT-2 this is also the tokenization of the corrupted text, except
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformers import PreTrainedTokenizerBase
 
 from attncomm.tasks.base import (
     Task,
@@ -53,6 +52,9 @@ from attncomm.tasks.base import (
     require_single_tokens,
     word_token_positions,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 FIRST_YEAR, LAST_YEAR = 1000, 1899
 #: the YY values the balanced sampler cycles over

@@ -30,13 +30,12 @@ candidates hold fewer than ``2 * seq_len`` tokens the fresh block may share toke
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-from transformers import PreTrainedTokenizerBase
 
 from attncomm.tasks.base import (
     Task,
@@ -49,6 +48,9 @@ from attncomm.tasks.base import (
     check_w_u,
     pad_id,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_SEQ_LEN = 8
 

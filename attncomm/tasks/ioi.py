@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Any
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from attncomm.tasks.base import (
     TaskPrompts,
@@ -44,6 +42,9 @@ from attncomm.tasks.base import (
     pad_id,
     require_single_tokens,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 NAMES: tuple[str, ...] = (
     "Adam",
