@@ -283,9 +283,9 @@ def trace_prompts(
             )
             del pt
             results: Mapping[FiringKey, FiringResult]
-            if res.skip_reason is not None:  # nothing of a skipped prompt is kept
+            if res.budget_stop is not None:  # nothing of a prompt stopped at the budget is kept
                 if spool is not None:
-                    spool.close()
+                    spool.close()  # deletes the firings of the layers traced before the stop
                 results = {}
             elif spool is None:
                 results = {(pid, *key): value for key, value in res.results.items()}
