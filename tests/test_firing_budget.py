@@ -13,6 +13,7 @@ skipped with status ``firing_budget`` and leaves nothing behind; at or above its
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import h5py
 import pytest
 import torch
 
+from attncomm.bench import _firing_budget
 from attncomm.core.prompt_graph import FIRING_BUDGET, FiringResult, trace_prompt
 from attncomm.errors import ConfigError
 from attncomm.io.firing_spool import FiringSpool
@@ -165,6 +167,13 @@ def test_the_budget_is_in_the_trace_key_and_names_the_run_directory(tmp_path: Pa
     assert differences(trace_key(plain), trace_key(budgeted)) == ["trace.max_firings: null -> 50"]
     plain.paths.root = budgeted.paths.root = str(tmp_path)
     assert RunContext.from_config(plain).run_dir != RunContext.from_config(budgeted).run_dir
+
+
+def test_the_benchmark_budget_option_takes_a_positive_count_or_none() -> None:
+    assert _firing_budget("none") is None and _firing_budget("5000") == 5000
+    for bad in ("0", "-3", "many", "2.5"):
+        with pytest.raises(argparse.ArgumentTypeError, match="positive number of firings"):
+            _firing_budget(bad)
 
 
 # ----------------------------------------------------------------------------- stage=trace
