@@ -11,7 +11,11 @@
 * ``induction`` -- one induction prompt of each of 64, 256 and 1024 tokens, each measured in its own
   subprocess so that ``peak_rss_mb`` is that measurement's alone: ``tokens_per_prompt``, ``firings``,
   ``seconds`` (tracing of that prompt, forward pass included), ``firings_per_s``, ``peak_rss_mb``
-  (the whole subprocess: model load included) and ``rss_after_load_mb``.
+  (the whole subprocess: model load included) and ``rss_after_load_mb``. ``all`` runs them with a
+  per-prompt firing budget (``--max-firings``, default :data:`ALL_MAX_FIRINGS`): the 1024-token prompt
+  of this random model has more than 100,000 firings and would trace for hours, so it stops at the
+  budget (``stopped_at_firing_budget``: true, ``firings`` = the firings traced before the stop); the
+  64- and 256-token prompts have far fewer firings and are traced completely.
 
 * ``act_patch`` -- activation patching of all heads by position, batched, against TransformerLens's
   own ``get_act_patch_attn_head_out_by_pos`` (:mod:`attncomm.bench_patching`);
@@ -19,9 +23,10 @@
   faithfulness of an EAP circuit at MIB's 10 edge budgets.
 
 Single measurements: ``python -m attncomm.bench trace --prompts 8`` and
-``python -m attncomm.bench induction --tokens 256``. Tracing runs with ``skip_incorrect=False``; an
-induction prompt that is skipped (non-positive seed total) is replaced by the next one of the same
-length (``prompt_index`` says which was measured).
+``python -m attncomm.bench induction --tokens 256 [--max-firings N]``. Tracing runs with
+``skip_incorrect=False``; an induction prompt that is skipped (non-positive seed total) is replaced by
+the next one of the same length (``prompt_index`` says which was measured); one stopped at the firing
+budget is not.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 INDUCTION_TOKENS = (64, 256, 1024)
+#: ``all``'s per-prompt firing budget of the induction lines (``--max-firings``)
+ALL_MAX_FIRINGS = 5000
 
 
 def _peak_rss_mb() -> float:
@@ -224,11 +231,17 @@ def bench_induction(
     max_tries: int = 8,
     max_memory_gb: float | None = None,
     max_rss_gb: float | None = None,
+    max_firings: int | None = None,
 ) -> dict[str, Any]:
-    """Trace one induction prompt of ``tokens`` tokens (BOS + a sequence twice; n_ctx caps it)."""
+    """Trace one induction prompt of ``tokens`` tokens (BOS + a sequence twice; n_ctx caps it).
+
+    With ``max_firings``, a prompt with more firings stops at that budget (the tracer's per-layer check)
+    and is the measurement: ``stopped_at_firing_budget`` is true, ``firings`` counts the firings traced
+    before the stop and ``firings_known`` those known when it stopped (a lower bound of its total).
+    """
     if max_rss_gb is not None:
         _rss_guard(max_rss_gb, {"bench": "induction", "tokens": tokens})
-    model, load_s = _load(dtype)
+    model, load_s = _load_tracing(dtype)  # as stage=trace loads it
     rss_after_load = _rss_mb()
     n_ctx = model.arch.n_ctx
     seq_len = max(3, (min(tokens, n_ctx) - 1) // 2)
@@ -238,7 +251,7 @@ def bench_induction(
     omega.precompute()
     result: dict[str, Any] = {}
     for i in range(max_tries):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         (trace,) = trace_prompts(
             model,
             task,
@@ -250,9 +263,16 @@ def bench_induction(
             batch_size=1,
             max_memory_gb=max_memory_gb,
             spool_dir=tempfile.gettempdir(),  # per-firing results on disk, as stage=trace does
+            max_firings=max_firings,
         )
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         result = {"prompt_index": i, "firings": trace.n_firings, "seconds": round(seconds, 3)}
+        result["cpu_seconds"] = round(cpu, 3)  # = wall time of an uncontended single thread
+        result["stopped_at_firing_budget"] = trace.budget_stop is not None
+        if trace.budget_stop is not None:
+            stop = trace.budget_stop
+            result.update(firings=stop.traced, firings_known=stop.reached, stopped_before_layer=stop.layer)
+            break
         if trace.edges is not None:
             result["edges"] = len(trace.edges)
             result["spooled_mb"] = round(trace.results.nbytes / 2**20, 1)  # type: ignore[attr-defined]
@@ -270,6 +290,7 @@ def bench_induction(
         "rss_after_load_mb": round(rss_after_load, 1),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "max_memory_gb": max_memory_gb,
+        "max_firings": max_firings,
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -340,6 +361,19 @@ def _subprocess_line(args: list[str], timeout: float) -> str:
     return lines[-1]
 
 
+def _firing_budget(text: str) -> int | None:
+    """``--max-firings``: a positive number of firings, or ``none`` for no limit."""
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of firings, or none")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point (``python -m attncomm.bench {trace,induction,all} ...``)."""
     parser = argparse.ArgumentParser(prog="python -m attncomm.bench", description=__doc__)
@@ -352,12 +386,24 @@ def main(argv: list[str] | None = None) -> int:
     ind.add_argument("--tokens", type=int, default=256)
     ind.add_argument("--max-memory-gb", type=float, default=None)
     ind.add_argument("--max-rss-gb", type=float, default=None, help="stop (error line) past this RSS")
+    ind.add_argument(
+        "--max-firings",
+        type=_firing_budget,
+        default=None,
+        help="stop the prompt once its trace would pass N firings (default: none, no limit)",
+    )
     e2e = sub.add_parser("e2e", help="python run.py stage=trace (8 IOI prompts) from start to exit, warm")
     e2e.add_argument("--runs", type=int, default=3)
     every = sub.add_parser("all", help="trace (IOI) and induction at 64/256/1024 tokens, a subprocess each")
     every.add_argument("--tokens", type=int, nargs="+", default=list(INDUCTION_TOKENS))
     every.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
     every.add_argument("--max-rss-gb", type=float, default=None, help="stop a measurement past this RSS")
+    every.add_argument(
+        "--max-firings",
+        type=_firing_budget,
+        default=ALL_MAX_FIRINGS,
+        help=f"firing budget of each induction prompt (default {ALL_MAX_FIRINGS}; none: no limit)",
+    )
     _add_act_patch_parser(sub)
     for what in ("eap", "evaluate"):
         edges = sub.add_parser(what, help=f"{what} over every edge of gpt2-small-random (32,491 edges)")
@@ -385,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(json.dumps(bench_e2e(timeout=args.timeout)) + "\n")
         sys.stdout.flush()
         guard = [] if args.max_rss_gb is None else ["--max-rss-gb", str(args.max_rss_gb)]
+        guard += ["--max-firings", str(args.max_firings).lower()]
         for tokens in args.tokens:
             line = _subprocess_line(["induction", "--tokens", str(tokens), *common, *guard], args.timeout)
             sys.stdout.write(line + "\n")
@@ -413,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             max_memory_gb=args.max_memory_gb,
             max_rss_gb=args.max_rss_gb,
+            max_firings=args.max_firings,
         )
     sys.stdout.write(json.dumps(result) + "\n")
     return 0

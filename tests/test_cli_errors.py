@@ -147,6 +147,8 @@ PROBES: dict[str, tuple[Setup, dict[str, str], str]] = {
     ),
     # range checks and bounded node ids
     "upstream-fraction-0": (_args("stage=trace", "trace.upstream_fraction=0"), {}, "trace.upstream_fraction"),
+    "max-firings-0": (_args("stage=trace", "trace.max_firings=0"), {}, "trace.max_firings=0"),
+    "max-firings-negative": (_args("stage=trace", "trace.max_firings=-10"), {}, "trace.max_firings=-10"),
     "compare-threshold-not-produced": (_pruned_at(0.2, 0.5), {}, "valid values are 0.2, 0.5"),
     "node-id-900-digit-layer-in-edges": (
         _args(

@@ -78,6 +78,8 @@ CHANGES = [
     ("unify", "unify.thresholds", [0.0, 0.25]),
     ("interventions", "unify.thresholds", [0.0, 0.25]),
     ("interventions", "trace.upstream_fraction", 0.5),
+    ("unify", "trace.max_firings", 5000),
+    ("sparsity", "trace.max_firings", 5000),
     ("prune", "interventions.threshold", 0.5),
     ("prune", "unify.thresholds", [0.5]),
     ("prune", "prune.step", 0.25),

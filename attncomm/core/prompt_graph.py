@@ -26,6 +26,12 @@
 4. **Per-firing results** (4.5): selected dest and source terms (selection order; an untraced side is
    empty) and both contribution tensors ``[l, H+2, d+1]`` (the Embedding entry is not stored), keyed
    by ``(l, h, d, s)`` (the driver adds the prompt id).
+5. **Firing budget** (optional ``max_firings``): a prompt whose trace has more than ``max_firings``
+   firings is skipped with ``"firing_budget"``, no edges and no results (:class:`FiringBudgetStop` says
+   how far it got). Checked per layer, before the layer is traced: once the layers above are done, the
+   layer's firings are all known, so tracing stops before the first layer that would take the count
+   past the budget. At most ``max_firings`` firings are ever traced, and a prompt is stopped if and
+   only if its complete trace would have more than ``max_firings`` firings.
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ from attncomm.core.selection import greedy_mask_batch, select_seeds
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "FIRING_BUDGET",
+    "FiringBudgetStop",
     "FiringKey",
     "FiringResult",
     "FiringSink",
@@ -105,6 +113,23 @@ class FiringResult:
 #: where each firing's result goes as soon as its chunk is done (instead of a dict kept in memory)
 FiringSink = Callable[[FiringKey, FiringResult], None]
 
+#: the skip reason of a prompt whose trace would have more than ``max_firings`` firings
+FIRING_BUDGET = "firing_budget"
+
+
+@dataclass(frozen=True)
+class FiringBudgetStop:
+    """Where :func:`trace_prompt` stopped a prompt at its firing budget.
+
+    ``traced`` firings (layers above ``layer``) had been traced, then ``layer``'s firings took the
+    known count to ``reached > budget``: the prompt's complete trace has at least ``reached`` firings.
+    """
+
+    budget: int
+    layer: int
+    traced: int
+    reached: int
+
 
 @dataclass
 class TraceResult:
@@ -119,6 +144,7 @@ class TraceResult:
     results: dict[FiringKey, FiringResult] = field(default_factory=dict)
     seed_total: float = 0.0
     n_firings: int = 0
+    budget_stop: FiringBudgetStop | None = None
 
     @functools.cached_property
     def graph(self) -> nx.MultiDiGraph | None:
@@ -244,6 +270,7 @@ def trace_prompt(
     progress: bool = False,
     memory_budget: int | None = None,
     sink: FiringSink | None = None,
+    max_firings: int | None = None,
 ) -> TraceResult:
     """Trace one prompt: seeds, recursion over firings layer by layer, graph and per-firing results.
 
@@ -252,7 +279,14 @@ def trace_prompt(
     the number of firings in a layer. With a ``sink``, each firing's result is handed to it as soon as
     its chunk is done and nothing of it is kept (``TraceResult.results`` stays empty): what grows with
     the number of firings is then only the compact :class:`~attncomm.core.edge_list.EdgeList`.
+
+    ``max_firings`` (``None``: no limit): stop before tracing a layer whose firings would take the
+    prompt past that many firings and return a ``"firing_budget"`` skip (no edges, no results,
+    ``n_firings`` 0, :attr:`TraceResult.budget_stop` set). Results already handed to ``sink`` belong to
+    a skipped prompt: the caller discards them.
     """
+    if max_firings is not None and max_firings < 1:
+        raise ValueError(f"max_firings={max_firings}: must be at least 1 (None: no limit)")
     L, H = cache.n_layers, cache.n_heads
     labels = pt.labels
     seeds = seed_contributions(pt, L)  # [L, H+3, n]
@@ -309,6 +343,11 @@ def trace_prompt(
         firing_keys = [k for k, ok in zip(keys, fires.tolist(), strict=True) if ok]
         if not firing_keys:
             continue
+        if max_firings is not None and n_firings + len(firing_keys) > max_firings:
+            bar.close()
+            stop = FiringBudgetStop(max_firings, layer, n_firings, n_firings + len(firing_keys))
+            logger.debug("firing budget %d passed at layer %d (%d known)", max_firings, layer, stop.reached)
+            return TraceResult(edges=None, skip_reason=FIRING_BUDGET, seed_total=total, budget_stop=stop)
         bar.total += len(firing_keys)
         inp = layer_inputs(
             pt.x[layer],

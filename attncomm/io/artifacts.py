@@ -30,6 +30,7 @@ METHOD_DEFAULTS: dict[str, Any] = {
     "trace.skip_incorrect": True,
     "trace.seed_fraction": 1.0,
     "trace.upstream_fraction": 0.7,
+    "trace.max_firings": None,
     "device.dtype": "float32",
     "task.prompt_type": "mixed",
 }

@@ -155,6 +155,7 @@ def trace_settings(cfg: Any) -> dict[str, Any]:
         "trace.skip_incorrect": tc.skip_incorrect,
         "trace.seed_fraction": tc.seed_fraction,
         "trace.upstream_fraction": tc.upstream_fraction,
+        "trace.max_firings": tc.max_firings,  # which prompts are skipped at the firing budget
         "device.dtype": cfg.device.dtype,
     }
 

@@ -40,8 +40,8 @@ from attncomm.io.artifacts import RunArtifacts, atomic_path
 logger = logging.getLogger(__name__)
 
 
-#: prompt status codes stored in the ``prompts`` table
-STATUSES: tuple[str, ...] = ("traced", "incorrect", "nonpositive_total", "no_head_seed")
+#: prompt status codes stored in the ``prompts`` table (new ones are appended: a code never changes)
+STATUSES: tuple[str, ...] = ("traced", "incorrect", "nonpositive_total", "no_head_seed", "firing_budget")
 
 #: dataset kinds (name prefixes) of one firing: selected terms of each side, contributions of each side
 DEST_TERMS, SRC_TERMS = "svs_used_decomp_i", "svs_used_decomp_j"

@@ -36,7 +36,7 @@ from attncomm.core.edge_interventions import batch_ranges
 from attncomm.core.edge_interventions import needed_hooks as write_hooks
 from attncomm.core.edge_list import EdgeList
 from attncomm.core.omega_factors import OmegaCache
-from attncomm.core.prompt_graph import FiringResult, PromptTensors, trace_prompt
+from attncomm.core.prompt_graph import FiringBudgetStop, FiringResult, PromptTensors, trace_prompt
 from attncomm.core.types import FiringKey
 from attncomm.io.firing_spool import FiringSpool
 from attncomm.models.adapter import ModelAdapter
@@ -71,13 +71,15 @@ class PromptTrace:
     access. ``results`` maps ``(prompt, l, h, d, s)`` to the firing's result: a dict in memory, or a
     :class:`~attncomm.io.firing_spool.FiringSpool` reading each firing back from disk when
     :func:`trace_prompts` was given a ``spool_dir``. ``skip_reason`` is None, ``"incorrect"``,
-    ``"nonpositive_total"`` or ``"no_head_seed"``.
+    ``"nonpositive_total"``, ``"no_head_seed"`` or ``"firing_budget"`` (then ``budget_stop`` says how
+    far the prompt got); a skipped prompt has no results.
     """
 
     prompt_id: int
     edges: EdgeList | None
     skip_reason: str | None
     results: Mapping[FiringKey, FiringResult] = field(default_factory=dict)
+    budget_stop: FiringBudgetStop | None = None
 
     @property
     def n_firings(self) -> int:
@@ -224,6 +226,7 @@ def trace_prompts(
     seed_fraction: float = 1.0,
     max_memory_gb: float | None = None,
     spool_dir: str | Path | None = None,
+    max_firings: int | None = None,
 ) -> Iterator[PromptTrace]:
     """Trace every prompt (batched forward passes, only the needed hooks cached) and yield its result.
 
@@ -237,6 +240,11 @@ def trace_prompts(
     :class:`~attncomm.io.firing_spool.FiringSpool` file in that directory and read back on access, so
     the per-firing results of a long prompt never sit in memory (``None``: kept in a dict). A prompt's
     spool file is deleted once its :class:`PromptTrace` is dropped.
+
+    ``max_firings`` (``None``: no limit): a prompt whose trace would have more than that many firings
+    is stopped before the layer that passes the budget
+    (:func:`~attncomm.core.prompt_graph.trace_prompt`) and yielded as skipped, ``"firing_budget"``,
+    with no edges and no results (its spool, holding the layers traced so far, is deleted at once).
     """
     n_prompts = len(prompts)
     ids = list(range(n_prompts)) if prompt_ids is None else [int(i) for i in prompt_ids]
@@ -273,15 +281,26 @@ def trace_prompts(
                 progress=progress,
                 memory_budget=budget,
                 sink=None if spool is None else spool.prefixed_sink(pid),
+                max_firings=max_firings,
             )
             del pt
             results: Mapping[FiringKey, FiringResult]
-            if spool is None:
+            if res.budget_stop is not None:  # nothing of a prompt stopped at the budget is kept
+                if spool is not None:
+                    spool.close()  # deletes the firings of the layers traced before the stop
+                results = {}
+            elif spool is None:
                 results = {(pid, *key): value for key, value in res.results.items()}
             else:
                 results = spool
             logger.debug("prompt %d: %d firings, skip=%s", pid, len(results), res.skip_reason)
-            yield PromptTrace(prompt_id=pid, edges=res.edges, skip_reason=res.skip_reason, results=results)
+            yield PromptTrace(
+                prompt_id=pid,
+                edges=res.edges,
+                skip_reason=res.skip_reason,
+                results=results,
+                budget_stop=res.budget_stop,
+            )
             del res, results, spool
             bar.update(1)
         del cache

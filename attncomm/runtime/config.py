@@ -116,6 +116,9 @@ class TraceConfig:
     merge: bool = True  # after the last shard, merge shard results
     #: GiB for the chunked tracing intermediates; null: a quarter of the available memory, at most 1 GiB
     max_memory_gb: float | None = None
+    #: per-prompt firing budget: a prompt whose trace would have more firings is skipped (status
+    #: firing_budget, checked per layer before it is traced); null: no limit
+    max_firings: int | None = None
 
 
 @dataclass

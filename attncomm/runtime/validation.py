@@ -50,6 +50,17 @@ def check_prune_step(step: Any) -> None:
         raise ConfigError(f"prune.step={step} must divide 1 (e.g. 0.05, 0.1, 0.25)")
 
 
+def check_max_firings(value: Any) -> None:
+    """``trace.max_firings``: null (no limit) or a positive whole number of firings."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(
+            f"trace.max_firings={value!r} must be a positive number of firings per prompt "
+            "(e.g. trace.max_firings=20000), or null for no limit"
+        )
+
+
 def validate_config(cfg: Any) -> None:
     """Every range check of an :class:`AppConfig` that needs no files; raises :class:`ConfigError`."""
     if not isinstance(cfg.task.n_prompts, int) or cfg.task.n_prompts <= 0:
@@ -58,6 +69,7 @@ def validate_config(cfg: Any) -> None:
         raise ConfigError(f"task.batch_size={cfg.task.batch_size} must be at least 1")
     check_fraction("trace.upstream_fraction", cfg.trace.upstream_fraction, open_low=True)
     check_fraction("trace.seed_fraction", cfg.trace.seed_fraction, open_low=True)
+    check_max_firings(cfg.trace.max_firings)
     check_thresholds("unify.thresholds", cfg.unify.thresholds)
     check_fraction("interventions.threshold", cfg.interventions.threshold, open_low=False)
     check_prune_step(cfg.prune.step)

@@ -150,8 +150,19 @@ def run_trace(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
             seed_fraction=tc.seed_fraction,
             max_memory_gb=tc.max_memory_gb,
             spool_dir=results_dir / "parts",
+            max_firings=tc.max_firings,
         ):
             status = pt.skip_reason or "traced"
+            if pt.budget_stop is not None:
+                log.warning(
+                    "prompt %d skipped (status firing_budget): it has at least %d firings, more than "
+                    "trace.max_firings=%d (tracing stopped before layer %d); nothing of it is kept. Raise "
+                    "trace.max_firings, or set trace.max_firings=null for no limit, to trace it",
+                    pt.prompt_id,
+                    pt.budget_stop.reached,
+                    pt.budget_stop.budget,
+                    pt.budget_stop.layer,
+                )
             graph_path = art.traced_graph(pt.prompt_id)
             if pt.graph is not None and status == "traced":
                 write_graph(pt.graph, graph_path)
@@ -176,26 +187,30 @@ def run_trace(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
         "skipped_incorrect": counts["incorrect"],
         "skipped_nonpositive_total": counts["nonpositive_total"],
         "skipped_no_head_seed": counts["no_head_seed"],
+        "skipped_firing_budget": counts["firing_budget"],
         "firings_this_run": n_firings,
         "shard": tc.shard,
         "n_shards": tc.n_shards,
     }
     log.info(
-        "traced %d of %d prompts; skipped: %d incorrect, %d non-positive total, %d without a head seed",
+        "traced %d of %d prompts; skipped: %d incorrect, %d non-positive total, %d without a head seed, "
+        "%d over the firing budget",
         counts["traced"],
         len(mine),
         counts["incorrect"],
         counts["nonpositive_total"],
         counts["no_head_seed"],
+        counts["firing_budget"],
     )
     if mine and counts["traced"] == 0:
         log.warning(
             "no prompt of this shard was traced: %d answered incorrectly (trace.skip_incorrect=false traces "
-            "them anyway), %d had a non-positive total, %d had no head seed; later stages have nothing "
-            "to combine",
+            "them anyway), %d had a non-positive total, %d had no head seed, %d had more firings than "
+            "trace.max_firings; later stages have nothing to combine",
             counts["incorrect"],
             counts["nonpositive_total"],
             counts["no_head_seed"],
+            counts["firing_budget"],
         )
     ctx.record("trace" if tc.n_shards == 1 else f"trace_shard{tc.shard}", produced, extra=summary)
     ctx.tracker.log_metrics(summary)
