@@ -308,3 +308,33 @@ def test_cli_bad_input(tmp_path: Path, case: str) -> None:
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_discover_warns_when_pruning_empties_the_circuit(caplog: pytest.LogCaptureFixture) -> None:
+    """Top-n edges that do not connect the input to the logits are all pruned: the stage says so and
+    names the fixes instead of silently writing an empty circuit."""
+    import logging
+
+    from attncomm.runtime.config import AppConfig
+    from attncomm.stages.discover import warn_if_pruned_away
+
+    g = EdgeGraph(SMALL)
+    scores = torch.zeros(g.n_forward, g.n_backward)
+    for name in ("a0.h1->a1.h0<v>", "input->m0"):  # the two best edges never reach the logits
+        i, j = g.edge_index(name)
+        scores[i, j] = 5.0
+    cfg = AppConfig()
+    cfg.method.select, cfg.method.budget = "topn", 100 * 2 / g.n_edges + 1e-9
+    kept = select(g, scores, "topn", cfg.method.budget)
+    assert int(kept.sum()) == 0
+    with caplog.at_level(logging.WARNING, logger="attncomm.stages.discover"):
+        warn_if_pruned_away(g, scores, cfg, int(kept.sum()))
+    assert "picked 2 of" in caplog.text and "method.select=greedy" in caplog.text
+    caplog.clear()
+    cfg.method.budget = 1e-6  # rounds to no edge at all
+    with caplog.at_level(logging.WARNING, logger="attncomm.stages.discover"):
+        warn_if_pruned_away(g, scores, cfg, 0)
+    assert "selects no edge" in caplog.text
+    caplog.clear()
+    warn_if_pruned_away(g, scores, cfg, 3)  # a non-empty circuit: nothing to say
+    assert caplog.text == ""

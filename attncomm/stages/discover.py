@@ -94,6 +94,34 @@ def discover_shape(cfg: AppConfig, ctx: RunContext, method: str) -> GraphShape:
     return graph_shape(model)
 
 
+def warn_if_pruned_away(graph: EdgeGraph, scores: torch.Tensor, cfg: AppConfig, kept: int) -> None:
+    """Warn when the selection kept edges but pruning (edges not on a path from the input to the logits)
+    left none: a silently empty circuit. Top-n picks the highest-scoring edges wherever they are, so on
+    a small graph a few percent may not connect; the greedy selection grows a connected circuit."""
+    if kept:
+        return
+    value = cfg.method.threshold if cfg.method.select == "threshold" else cfg.method.budget
+    chosen = int(select(graph, scores, cfg.method.select, value, cfg.method.absolute, do_prune=False).sum())
+    if chosen == 0:
+        log.warning(
+            "the circuit is empty: method.select=%s selects no edge of %d (method.budget=%s%%, "
+            "method.threshold=%s); raise method.budget or lower method.threshold",
+            cfg.method.select,
+            graph.n_edges,
+            cfg.method.budget,
+            cfg.method.threshold,
+        )
+        return
+    log.warning(
+        "the circuit is empty: method.select=%s picked %d of %d edges, but none lies on a path from the "
+        "input to the logits, so pruning removed them all; use method.select=greedy (a connected circuit "
+        "grown from the logits) or a larger method.budget",
+        cfg.method.select,
+        chosen,
+        graph.n_edges,
+    )
+
+
 @register_stage("discover", consumes=(), produces=("edge_scores",), needs_model=True)
 def run_discover(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
     """Score every edge with the chosen method and write the MIB / EAP-IG JSON."""
@@ -144,6 +172,7 @@ def run_discover(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
             meta["ablation"] = cfg.evaluate.ablation
         value = cfg.method.threshold if cfg.method.select == "threshold" else cfg.method.budget
         in_graph = select(graph, scores, cfg.method.select, value, cfg.method.absolute)
+        warn_if_pruned_away(graph, scores, cfg, int(in_graph.sum()))
         meta.update(
             {"select": cfg.method.select, "budget": cfg.method.budget, "threshold": cfg.method.threshold}
         )
