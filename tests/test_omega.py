@@ -9,6 +9,7 @@ from attncomm.core.omega_factors import (
     OmegaCache,
     dense_omega,
     omega_factors,
+    qr_factors,
     rotary_matrix,
     thin_svd,
 )
@@ -125,3 +126,21 @@ def test_rotary_omega_reproduces_model_scores(builder: str) -> None:
                 bias_part = (b_Q @ cache.rotation(d - s)) @ k[s, h]  # the term without x_d
                 got = x[d] @ U @ torch.diag(S) @ (V.T @ x_t[s]) + bias_part
                 torch.testing.assert_close(got, scores_model[h, d, s], rtol=2e-4, atol=2e-4)
+
+
+def test_factorisations_do_not_depend_on_the_thread_count() -> None:
+    """The batched QR's result changes with torch's thread count; the Omega factorisations run on one
+    thread (and restore the caller's count), so traces are the same whatever the machine's threads."""
+    gen = torch.Generator().manual_seed(0)
+    A, B = torch.randn(6, 256, 32, generator=gen), torch.randn(6, 256, 32, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            qr, svd = qr_factors(A, B), thin_svd(A, B)
+            assert torch.get_num_threads() == threads
+            results.append([qr.Q_a, qr.R_a, qr.Q_b, qr.R_b, *svd])
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))

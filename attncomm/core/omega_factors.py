@@ -28,8 +28,9 @@ GQA: the head weights passed here are already expanded to query heads (head ``h`
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import einops
@@ -161,10 +162,34 @@ class OmegaSVD:
     V_c: Float[Tensor, "... d_head d_head"]
 
 
+@contextlib.contextmanager
+def one_cpu_thread() -> Iterator[None]:
+    """Run the enclosed CPU factorisations on one thread, then restore the thread count.
+
+    Two reasons. The batched QR's result depends on torch's intra-op thread count (its blocking changes
+    with it), so the Omega factors, and every trace, would depend on the machine's core count and
+    settings; on one thread they do not. And on a machine whose cores are busy with other work, a
+    multi-threaded batched QR or small SVD waits for its threads: measured 30-45x slower with 2 threads
+    than with 1 on the shared development VM. The factorisations are done once per layer and side, so
+    one thread costs little.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def qr_factors(A: Float[Tensor, "... d_a d_head"], B: Float[Tensor, "... d_b d_head"]) -> QRFactors:
-    """Reduced QR of both thin factors (batched), the first step of the thin SVD of ``A R B^T``."""
-    Q_a, R_a = torch.linalg.qr(A, mode="reduced")
-    Q_b, R_b = torch.linalg.qr(B, mode="reduced")
+    """Reduced QR of both thin factors (batched), the first step of the thin SVD of ``A R B^T``
+    (on one CPU thread: :func:`one_cpu_thread`)."""
+    with one_cpu_thread():
+        Q_a, R_a = torch.linalg.qr(A, mode="reduced")
+        Q_b, R_b = torch.linalg.qr(B, mode="reduced")
     return QRFactors(Q_a=Q_a, R_a=R_a, Q_b=Q_b, R_b=R_b)
 
 
@@ -176,7 +201,8 @@ def _small_svd(
     """SVD of the ``d_head x d_head`` core ``R_a R R_b^T``."""
     core = R_a if rot is None else R_a @ rot
     core = core @ R_b.transpose(-1, -2)
-    U_c, S, Vh = torch.linalg.svd(core, full_matrices=False)
+    with one_cpu_thread():
+        U_c, S, Vh = torch.linalg.svd(core, full_matrices=False)
     return OmegaSVD(U_c=U_c, S=S, V_c=Vh.transpose(-1, -2))
 
 
