@@ -132,7 +132,12 @@ class _DatasetWriter:
         if attr is None:
             text_type = h5t.string_dtype()
             value = np.asarray(dims, order="C", dtype=text_type).view(dtype=text_type)
-            attr = (h5t.py_create(text_type, logical=True), h5t.py_create(text_type), h5s.create_simple(()), value)
+            attr = (
+                h5t.py_create(text_type, logical=True),
+                h5t.py_create(text_type),
+                h5s.create_simple(()),
+                value,
+            )
             self._dims[dims] = attr
         htype, mtype, attr_space, value = attr
         aid = h5a.create(dsid, b"dims", htype, attr_space)
