@@ -11,6 +11,7 @@ shows its traceback too. Progress bars are drawn only on a terminal (not in logs
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -63,4 +64,13 @@ def main(cfg: DictConfig) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        # Interpreter teardown runs full garbage collections over every object still alive: about
+        # 500,000 once torch and transformers are imported, 1.5 to 2.5 s between the last log line and
+        # the shell prompt. Frozen objects are left out of those passes. Module teardown still releases
+        # them by reference counting and atexit handlers (logging, wandb, temporary directories) still
+        # run; only objects left in reference cycles are not finalized (every file a stage writes is
+        # closed before it returns).
+        gc.freeze()

@@ -56,6 +56,12 @@ class EdgeList:
         for u, v, w, k in zip(self._up, self._down, self._weight, self._kind, strict=True):
             yield nodes[u], nodes[v], w, chr(k)
 
+    def columns(self) -> tuple[list[Hashable], array, array, array, bytearray]:
+        """The edges as columns (no copies, do not modify): the node ids in interning order, then per
+        edge the upstream and downstream node indices (``array('q')``), the weight (``array('d')``) and
+        the type character code (``bytearray``), in insertion order."""
+        return self._nodes, self._up, self._down, self._weight, self._kind
+
     def nbytes(self) -> int:
         """Bytes of the edge arrays (the interned node ids not counted)."""
         return sum(a.itemsize * len(a) for a in (self._up, self._down, self._weight)) + len(self._kind)

@@ -31,6 +31,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from h5py import h5a, h5d, h5o, h5p, h5s, h5t
+from h5py._hl import base as h5py_base
+from h5py._hl import filters as h5py_filters
 from tqdm.auto import tqdm
 
 from attncomm.core.types import FiringKey, FiringRecord
@@ -85,8 +88,70 @@ def parse_dataset_name(name: str) -> tuple[str, FiringKey]:
     return kind, tuple(int(x) for x in nums)  # type: ignore[return-value]
 
 
+class _DatasetWriter:
+    """Writes datasets as ``group.create_dataset(name, data=arr, compression="gzip" if big else None,
+    track_times=False)`` then ``ds.attrs["dims"] = text`` would, through h5py's low-level API.
+
+    The same HDF5 calls with the same property lists, types, dataspaces and values, and the datasets
+    closed in the same order (each one once the next is written: the high-level code closes a dataset
+    when its variable is rebound), so the file bytes are those of the high-level code. Only the
+    per-dataset Python work goes: the creation property list (chunk shape, gzip), datatype and
+    dataspace are made once per shape and dtype, the ``dims`` attribute value once per text.
+    """
+
+    def __init__(self, group: h5py.Group) -> None:
+        self._loc = group.id
+        self._dcpl: dict[tuple[tuple[int, ...], np.dtype, bool], h5p.PropDCID] = {}
+        self._types: dict[np.dtype, h5t.TypeID] = {}
+        self._spaces: dict[tuple[int, ...], h5s.SpaceID] = {}
+        self._dims: dict[str, tuple[h5t.TypeID, h5t.TypeID, h5s.SpaceID, np.ndarray]] = {}
+        self._current: h5d.DatasetID | None = None
+
+    def write(self, name: str, arr: np.ndarray, compress: bool, dims: str) -> None:
+        arr = np.asarray(arr, order="C")
+        spec = (arr.shape, arr.dtype, compress)
+        dcpl = self._dcpl.get(spec)
+        if dcpl is None:  # h5py's own builder, as create_dataset calls it (chunk shape guessed alike)
+            dcpl = h5py_filters.fill_dcpl(
+                h5p.create(h5p.DATASET_CREATE), arr.shape, arr.dtype, None,
+                "gzip" if compress else None, None, None, None, None, None, None,
+            )  # fmt: skip
+            dcpl.set_obj_track_times(False)
+            dcpl.set_attr_creation_order(0)  # create_dataset's track_order=False default
+            self._dcpl[spec] = dcpl
+        tid = self._types.get(arr.dtype)
+        if tid is None:
+            tid = self._types[arr.dtype] = h5t.py_create(arr.dtype, logical=1)
+        space = self._spaces.get(arr.shape)
+        if space is None:
+            space = self._spaces[arr.shape] = h5s.create_simple(arr.shape, None)
+        dsid = h5d.create(self._loc, name.encode("utf-8"), tid, space, dcpl=dcpl)
+        dsid.write(h5s.ALL, h5s.ALL, arr)
+        self._current = dsid  # closes the previous dataset now, as rebinding ``ds`` would
+        attr = self._dims.get(dims)
+        if attr is None:
+            text_type = h5t.string_dtype()
+            value = np.asarray(dims, order="C", dtype=text_type).view(dtype=text_type)
+            attr = (
+                h5t.py_create(text_type, logical=True),
+                h5t.py_create(text_type),
+                h5s.create_simple(()),
+                value,
+            )
+            self._dims[dims] = attr
+        htype, mtype, attr_space, value = attr
+        aid = h5a.create(dsid, b"dims", htype, attr_space)
+        aid.write(value, mtype=mtype)
+        aid.close()
+
+    def close(self) -> None:
+        """Close the last dataset (as the high-level code does when its function returns)."""
+        self._current = None
+
+
 def _write_firings(f: h5py.File, firings: Mapping[FiringKey, FiringRecord]) -> None:
     """One dataset per firing and kind, in key order; ``firings`` is read one firing at a time."""
+    writer = _DatasetWriter(f)
     for key in sorted(firings):
         rec = firings[key]
         arrays = {
@@ -96,11 +161,8 @@ def _write_firings(f: h5py.File, firings: Mapping[FiringKey, FiringRecord]) -> N
             CONTRIB_SRC: np.asarray(rec.contrib_src),
         }
         for kind, arr in arrays.items():
-            big = arr.size > 64
-            ds = f.create_dataset(
-                dataset_name(kind, key), data=arr, compression="gzip" if big else None, track_times=False
-            )
-            ds.attrs["dims"] = _DIMS[kind]
+            writer.write(dataset_name(kind, key), arr, arr.size > 64, _DIMS[kind])
+    writer.close()
 
 
 def _write_prompt_table(f: h5py.File, prompts: Sequence[PromptRecord]) -> None:
@@ -274,8 +336,9 @@ def build_results(path: Path, results_dir: Path, prompts: Iterable[int]) -> Path
                     status, n = str(part.attrs["status"]), int(part.attrs["n_firings"])
                     for key in sorted(firings):
                         for kind in _KINDS:
-                            name = firings.dataset(key, kind)
-                            part.copy(part[name], f, name=name)
+                            name = firings.dataset(key, kind).encode("utf-8")
+                            # Group.copy's HDF5 call, without opening the dataset first
+                            h5o.copy(part.id, name, f.id, name, None, h5py_base.dlcpl)
                     table.append(PromptRecord(int(part.attrs["prompt"]), status, n, {}))
             except ValueError as err:
                 if isinstance(err, DamagedResultsError):

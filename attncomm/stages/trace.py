@@ -164,8 +164,8 @@ def run_trace(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
                     pt.budget_stop.layer,
                 )
             graph_path = art.traced_graph(pt.prompt_id)
-            if pt.graph is not None and status == "traced":
-                write_graph(pt.graph, graph_path)
+            if pt.edges is not None and status == "traced":
+                write_graph(pt.edges, graph_path)  # the graph's file, without building the graph
             elif graph_path.exists():
                 graph_path.unlink()  # a stale graph from an earlier run with other settings
             firings = FiringRecords(pt.results)  # read one firing at a time while the part is written
