@@ -346,6 +346,8 @@ def test_hdf5_without_a_prompt_table_is_damaged(tmp_path: Path) -> None:
         ("compare", "threshold", 1.2, "compare.threshold"),
         ("task", "prompt_type", "bogus", "task.prompt_type"),
         ("task", "n_prompts", 0, "task.n_prompts"),
+        ("device", "threads", 0, "device.threads"),
+        ("device", "threads", 1.5, "device.threads"),
     ],
 )
 def test_out_of_range_settings_are_config_errors(section: str, key: str, value: object, says: str) -> None:
@@ -357,6 +359,18 @@ def test_out_of_range_settings_are_config_errors(section: str, key: str, value: 
 
 def test_valid_settings_pass() -> None:
     validate_config(config())
+
+
+def test_device_threads_sets_torchs_thread_count(tmp_path: Path) -> None:
+    cfg = config()
+    cfg.device.threads = 1
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        RunContext.for_tests(cfg, tmp_path / "run")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_compare_threshold_must_be_a_produced_one(tmp_path: Path) -> None:

@@ -77,6 +77,7 @@ class DeviceConfig:
     name: str = "cpu"  # cpu | cuda | cuda:N
     dtype: str = "float32"  # float32 (default, matches the reference) | float64
     allow_tf32: bool = False  # reference parity needs TF32 off
+    threads: int | None = None  # torch CPU threads (null: torch's default, one per core); 1 on a busy machine
 
 
 @dataclass

@@ -328,6 +328,8 @@ class RunContext:
                 raise ConfigError(f"device={device_name} requested but CUDA is not available; use device=cpu")
             torch.backends.cuda.matmul.allow_tf32 = cfg.device.allow_tf32
             torch.backends.cudnn.allow_tf32 = cfg.device.allow_tf32
+        if cfg.device.threads is not None:
+            torch.set_num_threads(cfg.device.threads)
         tracker = tracker or Tracker(dataclasses.replace(cfg.logger, mode="disabled"))
         return cls(
             cfg, run_dir, torch.device(device_name), torch_dtype(cfg.device.dtype), tracker, config_dict

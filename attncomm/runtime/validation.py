@@ -70,6 +70,9 @@ def validate_config(cfg: Any) -> None:
     check_fraction("trace.upstream_fraction", cfg.trace.upstream_fraction, open_low=True)
     check_fraction("trace.seed_fraction", cfg.trace.seed_fraction, open_low=True)
     check_max_firings(cfg.trace.max_firings)
+    threads = cfg.device.threads
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"device.threads={threads!r} must be a positive number of threads, or null")
     check_thresholds("unify.thresholds", cfg.unify.thresholds)
     check_fraction("interventions.threshold", cfg.interventions.threshold, open_low=False)
     check_prune_step(cfg.prune.step)

@@ -41,7 +41,8 @@ def fingerprint(config: dict[str, Any], sections: tuple[str, ...]) -> str:
     relevant = {k: config.get(k) for k in sections}
     if isinstance(relevant.get("device"), dict):
         relevant["device"] = {k: v for k, v in relevant["device"].items() if k != "name"}
-    for section, key in (("model", "weight_cache"), ("trace", "max_memory_gb")):  # speed/memory only
+    speed_only = (("model", "weight_cache"), ("trace", "max_memory_gb"), ("device", "threads"))
+    for section, key in speed_only:
         if isinstance(relevant.get(section), dict):
             relevant[section] = {k: v for k, v in relevant[section].items() if k != key}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
