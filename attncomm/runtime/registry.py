@@ -395,6 +395,12 @@ class RunContext:
             self.cfg.model, device=str(self.device), dtype=self.dtype, cache_dir=self.cache_dir
         )
 
+    def release_tracing_model(self) -> None:
+        """Drop the tracing model when it is not :attr:`model` (its weights are a second copy)."""
+        traced = self.__dict__.get("tracing_model")
+        if traced is not None and traced is not self.__dict__.get("model"):
+            del self.__dict__["tracing_model"]
+
     def _loaded_model(self) -> ModelAdapter | PlainModel:
         """The model this job has loaded (the tracing model when only it is), else :attr:`model`."""
         if "model" not in self.__dict__ and "tracing_model" in self.__dict__:

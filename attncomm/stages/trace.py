@@ -172,6 +172,7 @@ def run_trace(cfg: AppConfig, ctx: RunContext) -> dict[str, Any]:
             write_part(results_dir, PromptRecord(pt.prompt_id, status, pt.n_firings, firings))
             n_firings += pt.n_firings
             ctx.tracker.log_metrics({"trace/prompt": pt.prompt_id, "trace/firings": pt.n_firings})
+        ctx.release_tracing_model()  # a pipeline's later stages load the bridge: do not hold both
     shard_file = build_results(art.tracing_results(tc.shard if tc.n_shards > 1 else None), results_dir, mine)
     produced = [shard_file]
     merged = None
