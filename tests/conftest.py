@@ -2,20 +2,23 @@
 
 Markers (registered in pyproject.toml): ``slow``, ``cli``, ``browser``, ``slurm``; ``make test`` runs all,
 ``make test-fast`` none of them.
+
+This module imports no torch, transformers or Hydra at import time: under pytest-xdist the controller
+process loads it too but never runs a test, and on a 2-core machine its imports (about 4 s of CPU)
+would compete with the workers' start-up. The fixtures and helpers import what they need when called.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from attncomm.models.adapter import ModelAdapter
-from attncomm.runtime.config import AppConfig, register_configs
-from tests.models_fixtures import load_tiny
+if TYPE_CHECKING:
+    from attncomm.models.adapter import ModelAdapter
+    from attncomm.runtime.config import AppConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
@@ -67,6 +70,11 @@ def shared_path(*parts: str) -> Path:
 
 def compose_app(overrides: list[str]) -> AppConfig:
     """The typed config ``python run.py OVERRIDES`` would run with (Hydra's compose API, no job)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from attncomm.runtime.config import AppConfig, register_configs
+
     register_configs()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
@@ -87,14 +95,20 @@ def published_gp_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_gpt2() -> ModelAdapter:
+    from tests.models_fixtures import load_tiny
+
     return load_tiny("tiny-gpt2")
 
 
 @pytest.fixture(scope="session")
 def tiny_pythia() -> ModelAdapter:
+    from tests.models_fixtures import load_tiny
+
     return load_tiny("tiny-pythia")
 
 
 @pytest.fixture(scope="session")
 def tiny_gemma2() -> ModelAdapter:
+    from tests.models_fixtures import load_tiny
+
     return load_tiny("tiny-gemma2")

@@ -49,7 +49,13 @@ def tiny_model_config(builder: str) -> ModelConfig:
     return ModelConfig(name=builder, short_name=builder, family=FAMILIES[builder], builder=builder)
 
 
-@functools.cache
 def load_tiny(builder: str, dtype: torch.dtype = torch.float32) -> ModelAdapter:
-    """Load (once per process) the test model ``builder`` in ``dtype`` on the CPU."""
+    """Load (once per process) the test model ``builder`` in ``dtype`` on the CPU.
+
+    ``load_tiny(b)`` and ``load_tiny(b, torch.float32)`` are the same adapter (one load)."""
+    return _load_tiny_cached(builder, dtype)
+
+
+@functools.cache
+def _load_tiny_cached(builder: str, dtype: torch.dtype) -> ModelAdapter:
     return load_model(tiny_model_config(builder), device="cpu", dtype=dtype, cache_dir=test_cache_dir())
