@@ -3,7 +3,8 @@
 Models are built once per version of ``attncomm/models/random_models.py`` into a directory under the
 system temp dir (or ``$ATTNCOMM_TEST_CACHE``) and loaded once per process (``load_tiny`` is cached), so
 float64 variants are available too: ``load_tiny("tiny-gemma2", torch.float64)``. The adapters are shared:
-tests must not change their state (e.g. ``set_split_qkv_input``); load a fresh one for that.
+tests must not change their state (e.g. ``set_split_qkv_input``): load a fresh one for that, or
+restore the state after each test as ``tests/test_edge_methods.py`` does.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ hand-written patching hook, evaluation end points, and the ACC mapping."""
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,17 +18,52 @@ from attncomm.methods.edge_patching import (
     graph_shape,
     make_ablation,
 )
-from attncomm.models.adapter import ModelAdapter, load_model
+from attncomm.models.adapter import ModelAdapter
 from tests.edge_fixtures import hand_corrupted, ioi_prompts, load_toy_ioi, task_metric
-from tests.models_fixtures import test_cache_dir, tiny_model_config
+from tests.models_fixtures import load_tiny, test_cache_dir, tiny_model_config
+
+#: the shared adapters handed out by :func:`tiny64` in this process
+_HANDED_OUT: dict[str, ModelAdapter] = {}
 
 
-@functools.cache
-def fresh_tiny(builder: str) -> ModelAdapter:
-    """A float64 tiny model of our own (edge methods switch split q/k/v inputs on)."""
-    return load_model(
-        tiny_model_config(builder), device="cpu", dtype=torch.float64, cache_dir=test_cache_dir()
-    )
+def tiny64(builder: str) -> ModelAdapter:
+    """The process's float64 tiny model (``load_tiny``), in its loaded state.
+
+    Edge methods switch split q/k/v inputs and ``hook_mlp_in`` on and leave them on; the autouse
+    fixture :func:`_restore_loaded_state` switches them off again after each test, so the adapter other
+    test modules share is unchanged (its runs equal those before, bit for bit: the first test checks).
+    """
+    model = load_tiny(builder, torch.float64)
+    _HANDED_OUT[builder] = model
+    return model
+
+
+def _restore(model: ModelAdapter) -> None:
+    """Switch off what :func:`edge_hooks_enabled` leaves on (the loaded state has both off)."""
+    model.set_split_qkv_input(False)
+    model.bridge.set_use_hook_mlp_in(False)
+    assert all(p.requires_grad for p in model.bridge.parameters())
+
+
+@pytest.fixture(autouse=True)
+def _restore_loaded_state() -> Iterator[None]:
+    yield
+    for model in _HANDED_OUT.values():
+        _restore(model)
+
+
+def test_restoring_the_shared_adapter_restores_its_runs() -> None:
+    """What :func:`tiny64` relies on: after the edge hooks and :func:`_restore`, the shared adapter runs
+    exactly as loaded (Gemma-2's split q/k/v path rounds differently, so a leftover would show)."""
+    model = tiny64("tiny-gemma2")
+    _restore(model)
+    tokens = random_pair(7)[0]
+    before = model.run_with_hooks(tokens, [])
+    with edge_hooks_enabled(model):
+        pass
+    assert not torch.equal(model.run_with_hooks(tokens, []), before)
+    _restore(model)
+    assert torch.equal(model.run_with_hooks(tokens, []), before)
 
 
 def random_pair(seed: int = 0, b: int = 3, p: int = 7) -> tuple[Tensor, Tensor]:
@@ -200,7 +235,7 @@ def some_edges(graph: EdgeGraph) -> list[str]:
 
 @pytest.mark.parametrize("builder", FAMILIES)
 def test_eap_equals_hand_autograd_and_ig1(builder: str) -> None:
-    model = fresh_tiny(builder)
+    model = tiny64(builder)
     graph = EdgeGraph(graph_shape(model))
     clean, corrupted = random_pair()
     scores = eap_scores(model, graph, clean, corrupted, last_pos_metric, batch_size=2)
@@ -223,7 +258,7 @@ def test_eap_equals_hand_autograd_and_ig1(builder: str) -> None:
 
 
 def test_parallel_mlp_does_not_read_same_layer_heads() -> None:
-    model = fresh_tiny("tiny-pythia")
+    model = tiny64("tiny-pythia")
     graph = EdgeGraph(graph_shape(model))
     assert graph.shape.parallel_attn
     with pytest.raises(Exception, match="unknown edge"):
@@ -249,7 +284,7 @@ def test_eap_on_toy_ioi_equals_hand_autograd() -> None:
 
 @pytest.mark.parametrize("builder", FAMILIES)
 def test_exact_equals_hand_patching(builder: str) -> None:
-    model = fresh_tiny(builder)
+    model = tiny64(builder)
     graph = EdgeGraph(graph_shape(model))
     clean, corrupted = random_pair(2)
     ablation = make_ablation("patching", model, graph, clean, corrupted=corrupted)
@@ -293,7 +328,7 @@ def test_evaluate_end_points(ablation_kind: str) -> None:
 @pytest.mark.parametrize("builder", FAMILIES)
 def test_evaluate_all_and_no_edges_every_family(builder: str) -> None:
     """All edges kept = the clean run, none kept (patching) = the corrupted run, so faithfulness 1 / 0."""
-    model = fresh_tiny(builder)
+    model = tiny64(builder)
     graph = EdgeGraph(graph_shape(model))
     clean, corrupted = random_pair(4)
     idx = torch.arange(len(clean))
@@ -313,7 +348,7 @@ def test_grouped_kv_heads_patched_per_query_head(builder: str) -> None:
     """Query heads 0 and 1 share kv head 0. Ablating ``a0.h1 -> a1.h0<k>`` and ``-> a1.h1<k>`` together
     equals patching the shared key input of the grouped model (a hand hook outside the edge context);
     ablating only one of them differs; the model is unchanged after the edge context."""
-    model = fresh_tiny(builder)
+    model = tiny64(builder)
     assert model.arch.n_kv_heads == 2 and model.arch.n_heads == 4
     graph = EdgeGraph(graph_shape(model))
     clean, corrupted = random_pair(5)
@@ -343,7 +378,7 @@ def test_patched_runs_against_hand_hooks() -> None:
     """Two circuits whose patched runs a plain hook reproduces: (a) every edge except those out of one
     node = that node's output patched from the corrupted run; (b) only the edges input->logits and
     a0.h0->logits = the corrupted run plus (clean - corrupted) embeddings at the final residual."""
-    model = fresh_tiny("tiny-gpt2")
+    model = tiny64("tiny-gpt2")
     graph = EdgeGraph(graph_shape(model))
     clean, corrupted = random_pair(3)
     idx = torch.arange(len(clean))
@@ -444,7 +479,7 @@ def hand_ig_activations(model, clean, corrupted, metric, edges: list[str], steps
     ],
 )
 def test_eap_ig_activations_variant(builder: str) -> None:
-    model = fresh_tiny(builder)
+    model = tiny64(builder)
     graph = EdgeGraph(graph_shape(model))
     clean, corrupted = random_pair(6)
     eap = eap_scores(model, graph, clean, corrupted, last_pos_metric, batch_size=3)
@@ -469,7 +504,7 @@ def test_eap_ig_activations_variant(builder: str) -> None:
 
 
 def test_ig_variant_checked() -> None:
-    model = fresh_tiny("tiny-gpt2")
+    model = tiny64("tiny-gpt2")
     graph = EdgeGraph(graph_shape(model))
     clean, corrupted = random_pair(0)
     with pytest.raises(Exception, match="method.ig_variant"):
@@ -483,7 +518,7 @@ def test_graph_dims_from_config_equal_loaded_model(builder: str) -> None:
 
     dims = graph_dims(tiny_model_config(builder), test_cache_dir())
     assert dims is not None
-    shape = graph_shape(fresh_tiny(builder))
+    shape = graph_shape(tiny64(builder))
     assert (dims.n_layers, dims.n_heads, dims.parallel_attn, dims.d_model) == (
         shape.n_layers,
         shape.n_heads,
