@@ -37,6 +37,32 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
+#: the young-generation threshold of Python's cyclic garbage collector while tests run (default 700)
+GC_THRESHOLD0 = 10_000
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Make the cyclic garbage collector cheaper in a process that runs tests: the ~500,000 objects of
+    torch, transformers and the test modules, alive until the end, are frozen (never scanned again),
+    and full collections come less often (the tests' loaded models add as many objects again). The
+    collector took 6-7 s of CPU per xdist worker in ``make test-fast`` before. Only collection timing
+    changes: garbage is still freed, just in larger batches."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    _, t1, t2 = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD0, t1, t2)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Freeze what is left at the end: the interpreter's last collections at exit then scan nothing
+    (about 1.5 s less before a worker with loaded models has exited)."""
+    import gc
+
+    gc.freeze()
+
+
 #: variants of a family that ``make test-fast`` leaves to the full suite: it tests every family once
 #: (GPT-2, NeoX/Pythia, Gemma-2, Llama); Qwen2 (q/k/v biases) and Mistral run in ``make test`` and CI
 FULL_SUITE_ONLY = frozenset({"tiny-qwen2", "tiny-mistral"})
