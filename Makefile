@@ -21,16 +21,21 @@ install: $(STAMP)
 run: install
 	$(PY) run.py $(ARGS)
 
+# pytest runs with bytecode caching on even where PYTHONDONTWRITEBYTECODE is set (our machines set it):
+# otherwise every run, in every xdist worker, compiles attncomm and assertion-rewrites the test modules
+# again (2-3 s of CPU per process); the caches are the gitignored __pycache__ directories
+PYTEST := env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest
+
 # one pytest-xdist worker per core; the SLURM tests share one worker, as do the browser tests
 test: install
 	$(PY) -m ruff check attncomm tests run.py
-	$(PY) -m pytest -n auto --dist loadgroup $(PYTEST_ARGS)
+	$(PYTEST) -n auto --dist loadgroup $(PYTEST_ARGS)
 
 # the unit and exactness tiers: no subprocess CLI runs, browser, SLURM or minute-long end-to-end tests;
 # one pytest-xdist worker per core (each computes on one thread)
 test-fast: install
 	$(PY) -m ruff check attncomm tests run.py
-	$(PY) -m pytest -n auto -m "not slow and not cli and not browser and not slurm" $(PYTEST_ARGS)
+	$(PYTEST) -n auto -m "not slow and not cli and not browser and not slurm" $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check attncomm tests run.py

@@ -2,20 +2,23 @@
 
 Markers (registered in pyproject.toml): ``slow``, ``cli``, ``browser``, ``slurm``; ``make test`` runs all,
 ``make test-fast`` none of them.
+
+This module imports no torch, transformers or Hydra at import time: under pytest-xdist the controller
+process loads it too but never runs a test, and on a 2-core machine its imports (about 4 s of CPU)
+would compete with the workers' start-up. The fixtures and helpers import what they need when called.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from attncomm.models.adapter import ModelAdapter
-from attncomm.runtime.config import AppConfig, register_configs
-from tests.models_fixtures import load_tiny
+if TYPE_CHECKING:
+    from attncomm.models.adapter import ModelAdapter
+    from attncomm.runtime.config import AppConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
@@ -32,6 +35,32 @@ def pytest_configure(config: pytest.Config) -> None:
 
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
+
+
+#: the young-generation threshold of Python's cyclic garbage collector while tests run (default 700)
+GC_THRESHOLD0 = 10_000
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Make the cyclic garbage collector cheaper in a process that runs tests: the ~500,000 objects of
+    torch, transformers and the test modules, alive until the end, are frozen (never scanned again),
+    and full collections come less often (the tests' loaded models add as many objects again). The
+    collector took 6-7 s of CPU per xdist worker in ``make test-fast`` before. Only collection timing
+    changes: garbage is still freed, just in larger batches."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    _, t1, t2 = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD0, t1, t2)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Freeze what is left at the end: the interpreter's last collections at exit then scan nothing
+    (about 1.5 s less before a worker with loaded models has exited)."""
+    import gc
+
+    gc.freeze()
 
 
 #: variants of a family that ``make test-fast`` leaves to the full suite: it tests every family once
@@ -67,6 +96,11 @@ def shared_path(*parts: str) -> Path:
 
 def compose_app(overrides: list[str]) -> AppConfig:
     """The typed config ``python run.py OVERRIDES`` would run with (Hydra's compose API, no job)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from attncomm.runtime.config import AppConfig, register_configs
+
     register_configs()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
@@ -87,14 +121,20 @@ def published_gp_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_gpt2() -> ModelAdapter:
+    from tests.models_fixtures import load_tiny
+
     return load_tiny("tiny-gpt2")
 
 
 @pytest.fixture(scope="session")
 def tiny_pythia() -> ModelAdapter:
+    from tests.models_fixtures import load_tiny
+
     return load_tiny("tiny-pythia")
 
 
 @pytest.fixture(scope="session")
 def tiny_gemma2() -> ModelAdapter:
+    from tests.models_fixtures import load_tiny
+
     return load_tiny("tiny-gemma2")

@@ -3,7 +3,8 @@
 Models are built once per version of ``attncomm/models/random_models.py`` into a directory under the
 system temp dir (or ``$ATTNCOMM_TEST_CACHE``) and loaded once per process (``load_tiny`` is cached), so
 float64 variants are available too: ``load_tiny("tiny-gemma2", torch.float64)``. The adapters are shared:
-tests must not change their state (e.g. ``set_split_qkv_input``); load a fresh one for that.
+tests must not change their state (e.g. ``set_split_qkv_input``): load a fresh one for that, or
+restore the state after each test as ``tests/test_edge_methods.py`` does.
 """
 
 from __future__ import annotations
@@ -49,7 +50,13 @@ def tiny_model_config(builder: str) -> ModelConfig:
     return ModelConfig(name=builder, short_name=builder, family=FAMILIES[builder], builder=builder)
 
 
-@functools.cache
 def load_tiny(builder: str, dtype: torch.dtype = torch.float32) -> ModelAdapter:
-    """Load (once per process) the test model ``builder`` in ``dtype`` on the CPU."""
+    """Load (once per process) the test model ``builder`` in ``dtype`` on the CPU.
+
+    ``load_tiny(b)`` and ``load_tiny(b, torch.float32)`` are the same adapter (one load)."""
+    return _load_tiny_cached(builder, dtype)
+
+
+@functools.cache
+def _load_tiny_cached(builder: str, dtype: torch.dtype) -> ModelAdapter:
     return load_model(tiny_model_config(builder), device="cpu", dtype=dtype, cache_dir=test_cache_dir())

@@ -3,7 +3,7 @@ hand-written patching hook, evaluation end points, and the ACC mapping."""
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,17 +18,52 @@ from attncomm.methods.edge_patching import (
     graph_shape,
     make_ablation,
 )
-from attncomm.models.adapter import ModelAdapter, load_model
+from attncomm.models.adapter import ModelAdapter
 from tests.edge_fixtures import hand_corrupted, ioi_prompts, load_toy_ioi, task_metric
-from tests.models_fixtures import test_cache_dir, tiny_model_config
+from tests.models_fixtures import load_tiny, test_cache_dir, tiny_model_config
+
+#: the shared adapters handed out by :func:`tiny64` in this process
+_HANDED_OUT: dict[str, ModelAdapter] = {}
 
 
-@functools.cache
-def fresh_tiny(builder: str) -> ModelAdapter:
-    """A float64 tiny model of our own (edge methods switch split q/k/v inputs on)."""
-    return load_model(
-        tiny_model_config(builder), device="cpu", dtype=torch.float64, cache_dir=test_cache_dir()
-    )
+def tiny64(builder: str) -> ModelAdapter:
+    """The process's float64 tiny model (``load_tiny``), in its loaded state.
+
+    Edge methods switch split q/k/v inputs and ``hook_mlp_in`` on and leave them on; the autouse
+    fixture :func:`_restore_loaded_state` switches them off again after each test, so the adapter other
+    test modules share is unchanged (its runs equal those before, bit for bit: the first test checks).
+    """
+    model = load_tiny(builder, torch.float64)
+    _HANDED_OUT[builder] = model
+    return model
+
+
+def _restore(model: ModelAdapter) -> None:
+    """Switch off what :func:`edge_hooks_enabled` leaves on (the loaded state has both off)."""
+    model.set_split_qkv_input(False)
+    model.bridge.set_use_hook_mlp_in(False)
+    assert all(p.requires_grad for p in model.bridge.parameters())
+
+
+@pytest.fixture(autouse=True)
+def _restore_loaded_state() -> Iterator[None]:
+    yield
+    for model in _HANDED_OUT.values():
+        _restore(model)
+
+
+def test_restoring_the_shared_adapter_restores_its_runs() -> None:
+    """What :func:`tiny64` relies on: after the edge hooks and :func:`_restore`, the shared adapter runs
+    exactly as loaded (Gemma-2's split q/k/v path rounds differently, so a leftover would show)."""
+    model = tiny64("tiny-gemma2")
+    _restore(model)
+    tokens = random_pair(7)[0]
+    before = model.run_with_hooks(tokens, [])
+    with edge_hooks_enabled(model):
+        pass
+    assert not torch.equal(model.run_with_hooks(tokens, []), before)
+    _restore(model)
+    assert torch.equal(model.run_with_hooks(tokens, []), before)
 
 
 def random_pair(seed: int = 0, b: int = 3, p: int = 7) -> tuple[Tensor, Tensor]:
@@ -43,27 +78,45 @@ def last_pos_metric(logits: Tensor, idx: Tensor) -> Tensor:
 # ---- hand references ---------------------------------------------------------------------------
 
 
+def _out_values(model: ModelAdapter, tokens: Tensor, nodes: list[str]) -> dict[str, Tensor]:
+    """Nodes' outputs, read with plain hooks from one run: embeddings, hook_z @ W_O of one head, or
+    hook_mlp_out."""
+    names: dict[str, list[str]] = {}
+    for node in nodes:
+        if node == "input":
+            name = "blocks.0.hook_resid_pre"
+        elif node.startswith("m"):
+            name = f"blocks.{int(node[1:])}.hook_mlp_out"
+        else:
+            layer = int(node[1 : node.index(".")])
+            name = f"blocks.{layer}.attn.hook_z"
+        names[node] = [name]
+        if node.startswith("a") and model.arch.post_attn_norm:
+            names[node].append(name.replace("attn.hook_z", "ln1_post.hook_scale"))
+    _, cache = model.run_with_cache(tokens, sorted({n for v in names.values() for n in v}))
+    out = {}
+    for node in nodes:
+        value = cache[names[node][0]]
+        if node.startswith("a"):
+            layer, head = (int(x) for x in node[1:].split(".h"))
+            value = value[:, :, head] @ model.weights.W_O[layer, head]
+            if model.arch.post_attn_norm:  # its share of the post-normed attention output (b_O is zero)
+                assert not model.weights.b_O.any()
+                value = value * model.weights.ln1_post_gain[layer] / cache[names[node][1]]
+        out[node] = value
+    return out
+
+
 def _out_value(model: ModelAdapter, tokens: Tensor, node: str) -> Tensor:
-    """A node's output, read with plain hooks: embeddings, hook_z @ W_O of one head, or hook_mlp_out."""
-    if node == "input":
-        name = "blocks.0.hook_resid_pre"
-    elif node.startswith("m"):
-        name = f"blocks.{int(node[1:])}.hook_mlp_out"
-    else:
-        layer = int(node[1 : node.index(".")])
-        name = f"blocks.{layer}.attn.hook_z"
-    names = [name]
-    if node.startswith("a") and model.arch.post_attn_norm:
-        names.append(name.replace("attn.hook_z", "ln1_post.hook_scale"))
-    _, cache = model.run_with_cache(tokens, names)
-    value = cache[name]
-    if node.startswith("a"):
-        layer, head = (int(x) for x in node[1:].split(".h"))
-        value = value[:, :, head] @ model.weights.W_O[layer, head]
-        if model.arch.post_attn_norm:  # its share of the post-normed attention output (b_O is zero here)
-            assert not model.weights.b_O.any()
-            value = value * model.weights.ln1_post_gain[layer] / cache[names[1]]
-    return value
+    """One node's output (:func:`_out_values`)."""
+    return _out_values(model, tokens, [node])[node]
+
+
+def _diffs(model: ModelAdapter, plus: Tensor, minus: Tensor, edges: list[str]) -> dict[str, Tensor]:
+    """``out_u(plus) - out_u(minus)`` of the parent ``u`` of every edge, by edge (detached)."""
+    parents = sorted({edge.split("->")[0] for edge in edges})
+    a, b = _out_values(model, plus, parents), _out_values(model, minus, parents)
+    return {edge: (a[edge.split("->")[0]] - b[edge.split("->")[0]]).detach() for edge in edges}
 
 
 def _slot_hook(slot: str, add) -> tuple[str, object]:
@@ -83,56 +136,76 @@ def _slot_hook(slot: str, add) -> tuple[str, object]:
     return f"blocks.{layer}.hook_{letter}_input", fn
 
 
-def hand_eap(model, clean, corrupted, metric, edge: str) -> float:
-    """d/d eps of metric(clean, slot += eps * (out_u(clean) - out_u(corrupted))) at eps = 0 (autograd),
-    averaged over the prompts.
+def _eps_hooks(edges: list[str], diffs: dict[str, Tensor]) -> tuple[list[Tensor], list[tuple[str, object]]]:
+    """One zero scalar ``eps_e`` per edge and the hooks adding ``eps_e * diff_e`` to each edge's slot.
+
+    d metric / d eps_e at eps = 0 is edge e's directional derivative whatever the other edges' eps are
+    (they add exact zeros), so one backward pass gives the derivatives of all the edges."""
+    eps = [torch.zeros((), dtype=torch.float64, requires_grad=True) for _ in edges]
+    hooks = [
+        _slot_hook(edge.split("->")[1], lambda t, e=e, d=diffs[edge]: e * d)
+        for edge, e in zip(edges, eps, strict=True)
+    ]
+    return eps, hooks
+
+
+def _grads(value: Tensor, eps: list[Tensor]) -> list[float]:
+    """d value / d eps (0 where ``value`` does not depend on an eps)."""
+    if not value.requires_grad:  # no slot feeds the metric (e.g. all of them behind a held output)
+        return [0.0] * len(eps)
+    grads = torch.autograd.grad(value, eps, allow_unused=True)
+    return [0.0 if g is None else float(g) for g in grads]
+
+
+def hand_eap(model, clean, corrupted, metric, edges: list[str]) -> dict[str, float]:
+    """By edge: d/d eps of metric(clean, slot += eps * (out_u(clean) - out_u(corrupted))) at eps = 0
+    (autograd), averaged over the prompts.
 
     The gradient of the *sum* over prompts is taken and then divided, as ``eap_scores`` does: the bridge's
     rotary attention (Llama, Gemma-2) computes its softmax in float32 even in a float64 model, so the
     gradient of the mean would be rounded differently there (about 1e-7 relative)."""
-    parent, slot = edge.split("->")
     with edge_hooks_enabled(model):
-        diff = (_out_value(model, clean, parent) - _out_value(model, corrupted, parent)).detach()
-        eps = torch.zeros((), dtype=torch.float64, requires_grad=True)
-        name, fn = _slot_hook(slot, lambda t: eps * diff)
+        eps, hooks = _eps_hooks(edges, _diffs(model, clean, corrupted, edges))
         with torch.enable_grad():
-            logits = model.bridge.run_with_hooks(clean, fwd_hooks=[(name, fn)])
-            (grad,) = torch.autograd.grad(metric(logits, torch.arange(len(clean))).sum(), eps)
-    return float(grad) / len(clean)
+            logits = model.bridge.run_with_hooks(clean, fwd_hooks=hooks)
+            grads = _grads(metric(logits, torch.arange(len(clean))).sum(), eps)
+    return {edge: g / len(clean) for edge, g in zip(edges, grads, strict=True)}
 
 
-def hand_ig(model, clean, corrupted, metric, edge: str, steps: int) -> float:
-    """The EAP-IG score by hand: the mean over alpha = k/steps of the directional derivative of the
-    metric along (out_u(clean) - out_u(corrupted)) at slot v, embeddings interpolated by alpha."""
-    parent, slot = edge.split("->")
+def hand_ig(model, clean, corrupted, metric, edges: list[str], steps: int) -> dict[str, float]:
+    """By edge, the EAP-IG score by hand: the mean over alpha = k/steps of the directional derivative of
+    the metric along (out_u(clean) - out_u(corrupted)) at slot v, embeddings interpolated by alpha."""
+    total = dict.fromkeys(edges, 0.0)
     with edge_hooks_enabled(model):
-        diff = (_out_value(model, clean, parent) - _out_value(model, corrupted, parent)).detach()
+        diffs = _diffs(model, clean, corrupted, edges)
         emb_clean = _out_value(model, clean, "input").detach()
         emb_corr = _out_value(model, corrupted, "input").detach()
-        total = 0.0
         for k in range(1, steps + 1):
-            eps = torch.zeros((), dtype=torch.float64, requires_grad=True)
-            name, fn = _slot_hook(slot, lambda t, eps=eps: eps * diff)
+            eps, hooks = _eps_hooks(edges, diffs)
             embed = emb_corr + (k / steps) * (emb_clean - emb_corr)
-            hooks = [("blocks.0.hook_resid_pre", lambda t, hook, e=embed: e), (name, fn)]
+            hooks = [("blocks.0.hook_resid_pre", lambda t, hook, e=embed: e), *hooks]
             with torch.enable_grad():
                 logits = model.bridge.run_with_hooks(clean, fwd_hooks=hooks)
-                (grad,) = torch.autograd.grad(metric(logits, torch.arange(len(clean))).sum(), eps)
-            total += float(grad) / len(clean)
-    return total / steps
+                grads = _grads(metric(logits, torch.arange(len(clean))).sum(), eps)
+            for edge, g in zip(edges, grads, strict=True):
+                total[edge] += g / len(clean)
+    return {edge: t / steps for edge, t in total.items()}
 
 
-def hand_exact(model, clean, corrupted, metric, edge: str) -> float:
-    """metric(clean) - metric(clean with only u -> v carrying u's corrupted output), by one hand hook."""
-    parent, slot = edge.split("->")
-    with edge_hooks_enabled(model):
-        diff = (_out_value(model, corrupted, parent) - _out_value(model, clean, parent)).detach()
-        name, fn = _slot_hook(slot, lambda t: diff)
-        with torch.no_grad():
-            base = model.bridge.run_with_hooks(clean, fwd_hooks=[])
-            patched = model.bridge.run_with_hooks(clean, fwd_hooks=[(name, fn)])
+def hand_exact(model, clean, corrupted, metric, edges: list[str]) -> dict[str, float]:
+    """By edge: metric(clean) - metric(clean with only u -> v carrying u's corrupted output), by one hand
+    hook (one patched run per edge)."""
     idx = torch.arange(len(clean))
-    return float((metric(base, idx) - metric(patched, idx)).mean())
+    out = {}
+    with edge_hooks_enabled(model):
+        diffs = _diffs(model, corrupted, clean, edges)
+        with torch.no_grad():
+            base = metric(model.bridge.run_with_hooks(clean, fwd_hooks=[]), idx)
+            for edge in edges:
+                name, fn = _slot_hook(edge.split("->")[1], lambda t, d=diffs[edge]: d)
+                patched = model.bridge.run_with_hooks(clean, fwd_hooks=[(name, fn)])
+                out[edge] = float((base - metric(patched, idx)).mean())
+    return out
 
 
 #: the families: GPT-2 (3 layers), Pythia (3 layers, parallel attention), Llama and Qwen2 (2 layers,
@@ -162,36 +235,37 @@ def some_edges(graph: EdgeGraph) -> list[str]:
 
 @pytest.mark.parametrize("builder", FAMILIES)
 def test_eap_equals_hand_autograd_and_ig1(builder: str) -> None:
-    model = fresh_tiny(builder)
+    model = tiny64(builder)
     graph = EdgeGraph(graph_shape(model))
     clean, corrupted = random_pair()
     scores = eap_scores(model, graph, clean, corrupted, last_pos_metric, batch_size=2)
     assert scores.dtype == torch.float64 and torch.isnan(scores[~graph.real]).all()
     assert not torch.isnan(scores[graph.real]).any()
     edges = some_edges(graph)
+    hand = hand_eap(model, clean, corrupted, last_pos_metric, edges)
     for edge in edges:
         i, j = graph.edge_index(edge)
-        assert abs(float(scores[i, j]) - hand_eap(model, clean, corrupted, last_pos_metric, edge)) < 1e-9, (
-            edge
-        )
+        assert abs(float(scores[i, j]) - hand[edge]) < 1e-9, edge
     ig1 = eap_scores(model, graph, clean, corrupted, last_pos_metric, batch_size=3, ig_steps=1)
     torch.testing.assert_close(ig1[graph.real], scores[graph.real], rtol=0, atol=1e-9)
     ig3 = eap_scores(model, graph, clean, corrupted, last_pos_metric, batch_size=3, ig_steps=3)
     assert not torch.allclose(ig3[graph.real], scores[graph.real])  # more steps: a different estimate
-    for edge in ["input->a1.h0<k>", "a1.h1->logits", "a0.h1->a1.h1<v>"]:
+    ig_edges = ["input->a1.h0<k>", "a1.h1->logits", "a0.h1->a1.h1<v>"]
+    hand_ig3 = hand_ig(model, clean, corrupted, last_pos_metric, ig_edges, 3)
+    for edge in ig_edges:
         i, j = graph.edge_index(edge)
-        assert abs(float(ig3[i, j]) - hand_ig(model, clean, corrupted, last_pos_metric, edge, 3)) < 1e-9
+        assert abs(float(ig3[i, j]) - hand_ig3[edge]) < 1e-9, edge
 
 
 def test_parallel_mlp_does_not_read_same_layer_heads() -> None:
-    model = fresh_tiny("tiny-pythia")
+    model = tiny64("tiny-pythia")
     graph = EdgeGraph(graph_shape(model))
     assert graph.shape.parallel_attn
     with pytest.raises(Exception, match="unknown edge"):
         graph.edge_index("a0.h0->m0")
     # and the model agrees: patching a0.h0's output into m0's input would be a no-op edge; m0 reads resid_pre
     clean, corrupted = random_pair(1)
-    assert hand_exact(model, clean, corrupted, last_pos_metric, "a0.h0->m1") != 0.0
+    assert hand_exact(model, clean, corrupted, last_pos_metric, ["a0.h0->m1"])["a0.h0->m1"] != 0.0
 
 
 def test_eap_on_toy_ioi_equals_hand_autograd() -> None:
@@ -201,22 +275,25 @@ def test_eap_on_toy_ioi_equals_hand_autograd() -> None:
     metric = task_metric(prompts)
     graph = EdgeGraph(graph_shape(model))
     scores = eap_scores(model, graph, prompts.tokens, corrupted, metric, batch_size=2)
-    for edge in ["input->a0.h1<k>", "a1.h2->a2.h0<q>", "a2.h3->logits", "a0.h0->a2.h1<v>"]:
+    edges = ["input->a0.h1<k>", "a1.h2->a2.h0<q>", "a2.h3->logits", "a0.h0->a2.h1<v>"]
+    hand = hand_eap(model, prompts.tokens, corrupted, metric, edges)
+    for edge in edges:
         i, j = graph.edge_index(edge)
-        assert abs(float(scores[i, j]) - hand_eap(model, prompts.tokens, corrupted, metric, edge)) < 1e-9
+        assert abs(float(scores[i, j]) - hand[edge]) < 1e-9, edge
 
 
 @pytest.mark.parametrize("builder", FAMILIES)
 def test_exact_equals_hand_patching(builder: str) -> None:
-    model = fresh_tiny(builder)
+    model = tiny64(builder)
     graph = EdgeGraph(graph_shape(model))
     clean, corrupted = random_pair(2)
     ablation = make_ablation("patching", model, graph, clean, corrupted=corrupted)
     edges = some_edges(graph)
     pairs = [graph.edge_index(e) for e in edges]
     scores = exact_scores(model, graph, clean, ablation, last_pos_metric, batch_size=2, edges=pairs)
+    hand = hand_exact(model, clean, corrupted, last_pos_metric, edges)
     for edge, (i, j) in zip(edges, pairs, strict=True):
-        assert abs(float(scores[i, j]) - hand_exact(model, clean, corrupted, last_pos_metric, edge)) < 1e-9
+        assert abs(float(scores[i, j]) - hand[edge]) < 1e-9, edge
     assert torch.isnan(scores[0, graph.in_index["m0"]])  # not asked for
 
 
@@ -251,7 +328,7 @@ def test_evaluate_end_points(ablation_kind: str) -> None:
 @pytest.mark.parametrize("builder", FAMILIES)
 def test_evaluate_all_and_no_edges_every_family(builder: str) -> None:
     """All edges kept = the clean run, none kept (patching) = the corrupted run, so faithfulness 1 / 0."""
-    model = fresh_tiny(builder)
+    model = tiny64(builder)
     graph = EdgeGraph(graph_shape(model))
     clean, corrupted = random_pair(4)
     idx = torch.arange(len(clean))
@@ -271,7 +348,7 @@ def test_grouped_kv_heads_patched_per_query_head(builder: str) -> None:
     """Query heads 0 and 1 share kv head 0. Ablating ``a0.h1 -> a1.h0<k>`` and ``-> a1.h1<k>`` together
     equals patching the shared key input of the grouped model (a hand hook outside the edge context);
     ablating only one of them differs; the model is unchanged after the edge context."""
-    model = fresh_tiny(builder)
+    model = tiny64(builder)
     assert model.arch.n_kv_heads == 2 and model.arch.n_heads == 4
     graph = EdgeGraph(graph_shape(model))
     clean, corrupted = random_pair(5)
@@ -301,7 +378,7 @@ def test_patched_runs_against_hand_hooks() -> None:
     """Two circuits whose patched runs a plain hook reproduces: (a) every edge except those out of one
     node = that node's output patched from the corrupted run; (b) only the edges input->logits and
     a0.h0->logits = the corrupted run plus (clean - corrupted) embeddings at the final residual."""
-    model = fresh_tiny("tiny-gpt2")
+    model = tiny64("tiny-gpt2")
     graph = EdgeGraph(graph_shape(model))
     clean, corrupted = random_pair(3)
     idx = torch.arange(len(clean))
@@ -361,36 +438,35 @@ def test_answer_positions_only_same_values(ablation_kind: str) -> None:
         assert abs(float(exact[i, j]) - float(exact_end[i, j])) < 1e-12
 
 
-def hand_ig_activations(model, clean, corrupted, metric, edge: str, steps: int) -> float:
-    """EAP-IG-activations by hand: for every group (embeddings, each layer's attention output, each MLP
-    output) and ``alpha = k / steps``, the group's output set to ``corrupted + alpha (clean - corrupted)``
-    in a clean run, the directional derivative of the metric along (out_u(clean) - out_u(corrupted)) at
-    slot v; the mean over all those runs."""
-    parent, slot = edge.split("->")
+def hand_ig_activations(model, clean, corrupted, metric, edges: list[str], steps: int) -> dict[str, float]:
+    """By edge, EAP-IG-activations by hand: for every group (embeddings, each layer's attention output,
+    each MLP output) and ``alpha = k / steps``, the group's output set to ``corrupted + alpha (clean -
+    corrupted)`` in a clean run, the directional derivative of the metric along (out_u(clean) -
+    out_u(corrupted)) at slot v; the mean over all those runs."""
     groups = ["blocks.0.hook_resid_pre"]
     for layer in range(model.arch.n_layers):
         groups += [f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out"]
     idx = torch.arange(len(clean))
-    total = 0.0
+    total = dict.fromkeys(edges, 0.0)
     with edge_hooks_enabled(model):
-        diff = (_out_value(model, clean, parent) - _out_value(model, corrupted, parent)).detach()
+        diffs = _diffs(model, clean, corrupted, edges)
         _, acts_clean = model.run_with_cache(clean, groups)
         _, acts_corr = model.run_with_cache(corrupted, groups)
         for group in groups:
             for k in range(1, steps + 1):
                 value = acts_corr[group] + (k / steps) * (acts_clean[group] - acts_corr[group])
-                eps = torch.zeros((), dtype=torch.float64, requires_grad=True)
-                name, fn = _slot_hook(slot, lambda t, eps=eps: eps * diff)
-                hooks = [(group, lambda t, hook, v=value: v), (name, fn)]
-                if name == group:  # the logits slot is not a group's output; never both
-                    raise AssertionError(name)
+                eps, slot_hooks = _eps_hooks(edges, diffs)
+                if any(name == group for name, _ in slot_hooks):  # the logits slot is not a group's output
+                    raise AssertionError(group)
+                hooks = [(group, lambda t, hook, v=value: v), *slot_hooks]
                 with torch.enable_grad():
-                    value = metric(model.bridge.run_with_hooks(clean, fwd_hooks=hooks), idx).sum()
-                    if not value.requires_grad:  # the slot's node feeds only the group held fixed
-                        continue
-                    (grad,) = torch.autograd.grad(value, eps, allow_unused=True)
-                total += 0.0 if grad is None else float(grad) / len(clean)
-    return total / (len(groups) * steps)
+                    # 0 for an edge whose slot's node feeds only the group held fixed
+                    grads = _grads(
+                        metric(model.bridge.run_with_hooks(clean, fwd_hooks=hooks), idx).sum(), eps
+                    )
+                for edge, g in zip(edges, grads, strict=True):
+                    total[edge] += g / len(clean)
+    return {edge: t / (len(groups) * steps) for edge, t in total.items()}
 
 
 @pytest.mark.parametrize(
@@ -403,7 +479,7 @@ def hand_ig_activations(model, clean, corrupted, metric, edge: str, steps: int) 
     ],
 )
 def test_eap_ig_activations_variant(builder: str) -> None:
-    model = fresh_tiny(builder)
+    model = tiny64(builder)
     graph = EdgeGraph(graph_shape(model))
     clean, corrupted = random_pair(6)
     eap = eap_scores(model, graph, clean, corrupted, last_pos_metric, batch_size=3)
@@ -420,14 +496,15 @@ def test_eap_ig_activations_variant(builder: str) -> None:
     act2 = eap_scores(
         model, graph, clean, corrupted, last_pos_metric, 2, ig_steps=2, ig_variant="activations"
     )
-    for edge in ["input->a1.h0<k>", "a0.h1->m1", "m0->a1.h2<q>"]:
+    edges = ["input->a1.h0<k>", "a0.h1->m1", "m0->a1.h2<q>"]
+    hand = hand_ig_activations(model, clean, corrupted, last_pos_metric, edges, 2)
+    for edge in edges:
         i, j = graph.edge_index(edge)
-        hand = hand_ig_activations(model, clean, corrupted, last_pos_metric, edge, 2)
-        assert abs(float(act2[i, j]) - hand) < 1e-9, edge
+        assert abs(float(act2[i, j]) - hand[edge]) < 1e-9, edge
 
 
 def test_ig_variant_checked() -> None:
-    model = fresh_tiny("tiny-gpt2")
+    model = tiny64("tiny-gpt2")
     graph = EdgeGraph(graph_shape(model))
     clean, corrupted = random_pair(0)
     with pytest.raises(Exception, match="method.ig_variant"):
@@ -441,7 +518,7 @@ def test_graph_dims_from_config_equal_loaded_model(builder: str) -> None:
 
     dims = graph_dims(tiny_model_config(builder), test_cache_dir())
     assert dims is not None
-    shape = graph_shape(fresh_tiny(builder))
+    shape = graph_shape(tiny64(builder))
     assert (dims.n_layers, dims.n_heads, dims.parallel_attn, dims.d_model) == (
         shape.n_layers,
         shape.n_heads,

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from attncomm.models.adapter import _with_bos, load_model
 from attncomm.models.gpt2_tokenizer import gpt2_tokenizer
-from tests.models_fixtures import test_cache_dir, tiny_model_config
+from tests.models_fixtures import load_tiny, test_cache_dir, tiny_model_config
 
 TEXTS = ["When Mary and John went to the store,", " John gave a drink to<|endoftext|> Mary"]
 
@@ -42,7 +42,7 @@ def test_load_reads_the_tokenizer_once(builder: str, monkeypatch: pytest.MonkeyP
         calls.append((args, kwargs))
         return original(cls, *args, **kwargs)
 
-    load_model(tiny_model_config(builder), cache_dir=test_cache_dir())  # the model dir exists afterwards
+    load_tiny(builder)  # the model dir exists afterwards (the process-wide adapter: usually no load)
     calls.clear()
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(counting))
     model = load_model(tiny_model_config(builder), cache_dir=test_cache_dir())
