@@ -452,8 +452,8 @@ def load_tracing_model(
         key = plain_key(source, dtype, root)
         path = plain_cache_file(root, cfg.short_name, key)
         if path.is_file():
+            tokenizer = _light_tokenizer(cfg, source, root) or _hf_tokenizer(cfg, source, root)
             try:
-                tokenizer = _light_tokenizer(cfg, source, root) or _hf_tokenizer(cfg, source, root)
                 plain = read_plain(path, key, cfg, tokenizer, device, dtype)
                 logger.debug("plain forward of %s read from %s", cfg.short_name, path)
                 return plain
