@@ -389,11 +389,14 @@ class RunContext:
             loaded = self.__dict__["model"]
             if loaded.cfg.family != "gpt2":
                 return loaded
-        from attncomm.models.plain_model import load_tracing_model
+        from attncomm.models.plain_model import PlainModel, load_tracing_model
 
-        return load_tracing_model(
+        model = load_tracing_model(
             self.cfg.model, device=str(self.device), dtype=self.dtype, cache_dir=self.cache_dir
         )
+        if not isinstance(model, PlainModel):
+            self.__dict__.setdefault("model", model)  # the bridge: later stages reuse it
+        return model
 
     def release_tracing_model(self) -> None:
         """Drop the tracing model when it is not :attr:`model` (its weights are a second copy)."""
