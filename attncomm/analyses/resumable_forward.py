@@ -17,7 +17,7 @@ before trusting it (:func:`matches_bridge`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,6 +25,8 @@ import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+
+from attncomm.core.types import ArchFacts, HeadWeights
 
 if TYPE_CHECKING:
     from attncomm.models.adapter import ModelAdapter
@@ -108,14 +110,31 @@ def _activation(model: ModelAdapter) -> Callable[[Tensor], Tensor] | None:
     return _tanh_gelu if type(act).__name__ in _TANH_GELU else act
 
 
+#: the MLP weights of a GPT-2-style block, as the bridge names them
+MLP_FIELDS = ("W_in", "b_in", "W_out", "b_out")
+
+
+def mlp_weights(model: ModelAdapter) -> dict[str, Tensor]:
+    """Copies of the bridge's stacked MLP weights (:data:`MLP_FIELDS`)."""
+    with torch.no_grad():
+        return {name: getattr(model.bridge, name).detach().clone() for name in MLP_FIELDS}
+
+
 def stack_weights(model: ModelAdapter) -> StackWeights:
     """Read the processed weights of a model :func:`unsupported_reason` accepts."""
     reason = unsupported_reason(model)
     if reason is not None:
         raise ValueError(f"model {model.cfg.name!r} is not covered by the plain forward: {reason}")
-    b, w = model.bridge, model.weights
     act = _activation(model)
     assert act is not None
+    eps = float(getattr(model.bridge.cfg, "eps", 1e-5))
+    return stack_from(model.arch, model.weights, mlp_weights(model), eps, act)
+
+
+def stack_from(
+    arch: ArchFacts, w: HeadWeights, mlp: Mapping[str, Tensor], eps: float, act: Callable[[Tensor], Tensor]
+) -> StackWeights:
+    """The weights flattened over heads, as the bridge multiplies them (one q/k/v product per layer)."""
 
     def heads_flat(W: Tensor) -> Tensor:
         return einops.rearrange(W, "layer head d_model d_head -> layer d_model (head d_head)")
@@ -123,6 +142,8 @@ def stack_weights(model: ModelAdapter) -> StackWeights:
     def bias_flat(bias: Tensor) -> Tensor:
         return einops.rearrange(bias, "layer head d_head -> layer (head d_head)")
 
+    if w.W_pos is None:
+        raise ValueError("the plain forward needs learned positions (W_pos)")
     with torch.no_grad():
         return StackWeights(
             W_QKV=torch.cat([heads_flat(w.W_Q), heads_flat(w.W_K), heads_flat(w.W_V)], dim=-1).contiguous(),
@@ -131,26 +152,35 @@ def stack_weights(model: ModelAdapter) -> StackWeights:
                 w.W_O, "layer head d_head d_model -> layer (head d_head) d_model"
             ).contiguous(),
             b_O=w.b_O,
-            W_in=b.W_in.detach().clone(),
-            b_in=b.b_in.detach().clone(),
-            W_out=b.W_out.detach().clone(),
-            b_out=b.b_out.detach().clone(),
+            W_in=mlp["W_in"],
+            b_in=mlp["b_in"],
+            W_out=mlp["W_out"],
+            b_out=mlp["b_out"],
             W_U=w.W_U,
             b_U=w.b_U,
             W_E=w.W_E,
-            W_pos=w.W_pos if w.W_pos is not None else torch.zeros(0),
-            n_heads=model.arch.n_heads,
-            d_head=model.arch.d_head,
-            attn_scale=model.arch.attn_scale,
-            eps=float(getattr(b.cfg, "eps", 1e-5)),
+            W_pos=w.W_pos,
+            n_heads=arch.n_heads,
+            d_head=arch.d_head,
+            attn_scale=arch.attn_scale,
+            eps=eps,
             act=act,
         )
 
 
+def norm_and_scale(
+    x: Float[Tensor, "... d_model"], eps: float
+) -> tuple[Float[Tensor, "... d_model"], Float[Tensor, "... 1"]]:
+    """LayerNorm without gain and bias (folded into the next weights), as the bridge computes it:
+    ``(normalized, scale)``, its ``hook_normalized`` and ``hook_scale``."""
+    centred = x - x.mean(-1, keepdim=True)
+    scale = (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    return centred / scale, scale
+
+
 def layer_norm(x: Float[Tensor, "... d_model"], eps: float) -> Float[Tensor, "... d_model"]:
-    """LayerNorm without gain and bias (folded into the next weights), as the bridge computes it."""
-    x = x - x.mean(-1, keepdim=True)
-    return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    """The normalized part of :func:`norm_and_scale`."""
+    return norm_and_scale(x, eps)[0]
 
 
 def mlp(w: StackWeights, layer: int, resid_mid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
@@ -169,6 +199,10 @@ def attn_out(w: StackWeights, layer: int, z: Float[Tensor, "batch pos head_index
     return affine(z.flatten(-2), w.W_O[layer], w.b_O[layer])
 
 
+#: receives ``(hook name without "blocks.{layer}.", tensor)`` for each activation a block computes
+Recorder = Callable[[str, Tensor], None]
+
+
 def block(
     w: StackWeights,
     layer: int,
@@ -176,14 +210,19 @@ def block(
     p0: int = 0,
     k_prefix: Float[Tensor, "batch head_index p0 d_head"] | None = None,
     v_prefix: Float[Tensor, "batch head_index p0 d_head"] | None = None,
+    record: Recorder | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Block ``layer`` on the positions ``p0 .. p0+pos-1`` of ``resid``; the positions before ``p0`` enter
     only through their cached keys and values. Returns the residual after the block and the keys,
     values (all positions, ``[batch head_index pos d_head]``) and head outputs ``z`` of the positions run.
+
+    ``record`` (``p0 = 0`` runs) receives the activations under the bridge's hook names and shapes
+    (``ln1.hook_normalized``, ``attn.hook_pattern``, ``hook_mlp_out``, ...).
     """
     B, S, _ = resid.shape
     H, dh = w.n_heads, w.d_head
-    qkv = affine(layer_norm(resid, w.eps), w.W_QKV[layer], w.b_QKV[layer])
+    normalized, scale = norm_and_scale(resid, w.eps)
+    qkv = affine(normalized, w.W_QKV[layer], w.b_QKV[layer])
     q, k, v = einops.rearrange(qkv, "b s (three h e) -> three b h s e", three=3, h=H, e=dh)
     if p0 > 0:
         assert k_prefix is not None and v_prefix is not None
@@ -192,10 +231,22 @@ def block(
     scores = (q @ k.transpose(-1, -2)) / w.attn_scale
     query_pos = torch.arange(p0, p0 + S, device=resid.device)[:, None]
     key_pos = torch.arange(p0 + S, device=resid.device)[None, :]
-    scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
-    z = einops.rearrange(scores.softmax(-1) @ v, "b h s e -> b s h e")
-    resid_mid = resid + attn_out(w, layer, z)
-    return resid_mid + mlp(w, layer, resid_mid), k, v, z
+    pattern = scores.masked_fill(key_pos > query_pos, float("-inf")).softmax(-1)
+    z = einops.rearrange(pattern @ v, "b h s e -> b s h e")
+    written = attn_out(w, layer, z)
+    resid_mid = resid + written
+    mlp_out = mlp(w, layer, resid_mid)
+    if record is not None:
+        record("ln1.hook_normalized", normalized)
+        record("ln1.hook_scale", scale)
+        for name, value in (("q", q), ("k", k), ("v", v)):
+            record(f"attn.hook_{name}", einops.rearrange(value, "b h s e -> b s h e"))
+        record("attn.hook_pattern", pattern)
+        record("attn.hook_z", z)
+        record("hook_attn_out", written)
+        record("hook_resid_mid", resid_mid)
+        record("hook_mlp_out", mlp_out)
+    return resid_mid + mlp_out, k, v, z
 
 
 def embed(w: StackWeights, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -33,12 +34,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from attncomm.analyses.resumable_forward import StackWeights, affine, embed, unembed
+from attncomm.analyses.resumable_forward import (
+    MLP_FIELDS,
+    block,
+    embed,
+    mlp_weights,
+    norm_and_scale,
+    stack_from,
+    unembed,
+)
 from attncomm.core.types import ArchFacts, HeadWeights
 from attncomm.models.hook_names import HookNames
 from attncomm.runtime.config import ModelConfig
@@ -54,7 +62,6 @@ __all__ = ["PLAIN_FORMAT", "PlainModel", "load_tracing_model", "plain_from_adapt
 PLAIN_FORMAT = 1
 #: the HeadWeights fields stored in the plain cache (the absent ``W_pos`` / ``ln1_post_gain`` never are)
 _HEAD_FIELDS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "W_U", "b_U", "W_E", "W_pos")
-_MLP_FIELDS = ("W_in", "b_in", "W_out", "b_out")
 
 
 def new_gelu(x: Tensor) -> Tensor:
@@ -70,20 +77,26 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": torch.relu,
 }
 
-#: hook names the plain forward computes (the bridge's names and shapes)
-_HOOK = re.compile(
-    r"^(?:blocks\.(?P<layer>\d+)\.(?P<name>hook_resid_pre|ln1\.hook_normalized|ln1\.hook_scale|attn\.hook_q|"
-    r"attn\.hook_k|attn\.hook_v|attn\.hook_pattern|attn\.hook_z|hook_attn_out|hook_resid_mid|hook_mlp_out|"
-    r"hook_resid_post)|(?P<final>ln_final\.hook_scale|ln_final\.hook_normalized))$"
+#: the hooks the plain forward computes in every block (the bridge's names and shapes) ...
+LAYER_HOOKS = (
+    "hook_resid_pre",
+    "ln1.hook_normalized",
+    "ln1.hook_scale",
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_v",
+    "attn.hook_pattern",
+    "attn.hook_z",
+    "hook_attn_out",
+    "hook_resid_mid",
+    "hook_mlp_out",
+    "hook_resid_post",
 )
-
-
-def _norm(x: Float[Tensor, "... d_model"], eps: float) -> tuple[Tensor, Tensor]:
-    """LayerNorm without gain and bias: ``(normalized, scale)``, the bridge's ``hook_normalized`` and
-    ``hook_scale`` (the same operations as :func:`~attncomm.analyses.resumable_forward.layer_norm`)."""
-    centred = x - x.mean(-1, keepdim=True)
-    scale = (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt()
-    return centred / scale, scale
+#: ... and after the last one
+FINAL_HOOKS = ("ln_final.hook_scale", "ln_final.hook_normalized")
+_LAYER_ALTERNATIVES = "|".join(map(re.escape, LAYER_HOOKS))
+_FINAL_ALTERNATIVES = "|".join(map(re.escape, FINAL_HOOKS))
+_HOOK = re.compile(rf"^(?:blocks\.(?P<layer>\d+)\.(?:{_LAYER_ALTERNATIVES})|(?:{_FINAL_ALTERNATIVES}))$")
 
 
 class PlainModel(HookNames):
@@ -114,7 +127,7 @@ class PlainModel(HookNames):
         self.tokenizer = tokenizer
         self.device = device
         self.dtype = dtype
-        self.stack = _stack(arch, weights, mlp, eps, ACTIVATIONS[activation])
+        self.stack = stack_from(arch, weights, mlp, eps, ACTIVATIONS[activation])
 
     def tensors(self) -> dict[str, Tensor]:
         """The weights as stored in the plain cache file."""
@@ -140,78 +153,27 @@ class PlainModel(HookNames):
             if name in wanted:
                 cache[name] = value
 
-        n_pos = tokens.shape[1]
-        causal = torch.triu(torch.ones(n_pos, n_pos, dtype=torch.bool, device=self.device), diagonal=1)
         with torch.no_grad():
             resid = embed(w, tokens.to(self.device))
             for layer in range(w.n_layers):
                 prefix = f"blocks.{layer}."
                 keep(prefix + "hook_resid_pre", resid)
-                normalized, scale = _norm(resid, w.eps)
-                keep(prefix + "ln1.hook_normalized", normalized)
-                keep(prefix + "ln1.hook_scale", scale)
-                qkv = affine(normalized, w.W_QKV[layer], w.b_QKV[layer])
-                q, k, v = einops.rearrange(qkv, "b s (three h e) -> three b h s e", three=3, h=w.n_heads)
-                for key, value in (("q", q), ("k", k), ("v", v)):
-                    keep(prefix + f"attn.hook_{key}", einops.rearrange(value, "b h s e -> b s h e"))
-                scores = (q @ k.transpose(-1, -2)) / w.attn_scale
-                pattern = scores.masked_fill(causal, float("-inf")).softmax(-1)
-                keep(prefix + "attn.hook_pattern", pattern)
-                z = einops.rearrange(pattern @ v, "b h s e -> b s h e")
-                keep(prefix + "attn.hook_z", z)
-                attn_out = affine(z.flatten(-2), w.W_O[layer], w.b_O[layer])
-                keep(prefix + "hook_attn_out", attn_out)
-                resid = resid + attn_out
-                keep(prefix + "hook_resid_mid", resid)
-                hidden = w.act(affine(_norm(resid, w.eps)[0], w.W_in[layer], w.b_in[layer]))
-                mlp_out = affine(hidden, w.W_out[layer], w.b_out[layer])
-                keep(prefix + "hook_mlp_out", mlp_out)
-                resid = resid + mlp_out
+                resid = block(w, layer, resid, record=functools.partial(_keep_as, keep, prefix))[0]
                 keep(prefix + "hook_resid_post", resid)
-            normalized, scale = _norm(resid, w.eps)
+            normalized, scale = norm_and_scale(resid, w.eps)
             keep("ln_final.hook_normalized", normalized)
             keep("ln_final.hook_scale", scale)
             logits = unembed(w, resid)
         return logits, cache
 
 
+def _keep_as(keep: Callable[[str, Tensor], None], prefix: str, name: str, value: Tensor) -> None:
+    keep(prefix + name, value)
+
+
 def _layer_of(name: str) -> int:
     match = _HOOK.match(name)
     return int(match["layer"]) if match and match["layer"] is not None else -1
-
-
-def _stack(
-    arch: ArchFacts, w: HeadWeights, mlp: dict[str, Tensor], eps: float, act: Callable[[Tensor], Tensor]
-) -> StackWeights:
-    """The weights flattened over heads, as the bridge multiplies them (one q/k/v product per layer)."""
-
-    def heads_flat(W: Tensor) -> Tensor:
-        return einops.rearrange(W, "layer head d_model d_head -> layer d_model (head d_head)")
-
-    def bias_flat(bias: Tensor) -> Tensor:
-        return einops.rearrange(bias, "layer head d_head -> layer (head d_head)")
-
-    if w.W_pos is None:
-        raise ValueError("the plain forward needs learned positions (W_pos)")
-    return StackWeights(
-        W_QKV=torch.cat([heads_flat(w.W_Q), heads_flat(w.W_K), heads_flat(w.W_V)], dim=-1).contiguous(),
-        b_QKV=torch.cat([bias_flat(w.b_Q), bias_flat(w.b_K), bias_flat(w.b_V)], dim=-1).contiguous(),
-        W_O=einops.rearrange(w.W_O, "layer head d_head d_model -> layer (head d_head) d_model").contiguous(),
-        b_O=w.b_O,
-        W_in=mlp["W_in"],
-        b_in=mlp["b_in"],
-        W_out=mlp["W_out"],
-        b_out=mlp["b_out"],
-        W_U=w.W_U,
-        b_U=w.b_U,
-        W_E=w.W_E,
-        W_pos=w.W_pos,
-        n_heads=arch.n_heads,
-        d_head=arch.d_head,
-        attn_scale=arch.attn_scale,
-        eps=eps,
-        act=act,
-    )
 
 
 # ---- building from the bridge, and checking it ----------------------------------------------------
@@ -240,15 +202,12 @@ def plain_from_adapter(model: ModelAdapter, source: Path) -> tuple[PlainModel | 
     activation = _activation_name(source)
     if activation not in ACTIVATIONS:
         return None, f"activation_function {activation!r} is not one the plain forward computes"
-    b = model.bridge
-    with torch.no_grad():
-        mlp = {name: getattr(b, name).detach().clone() for name in _MLP_FIELDS}
     plain = PlainModel(
         cfg=model.cfg,
         arch=model.arch,
         weights=model.weights,
-        mlp=mlp,
-        eps=float(getattr(b.cfg, "eps", 1e-5)),
+        mlp=mlp_weights(model),
+        eps=float(getattr(model.bridge.cfg, "eps", 1e-5)),
         activation=activation,
         tokenizer=model.tokenizer,
         device=model.device,
@@ -270,24 +229,7 @@ def plain_mismatch(model: ModelAdapter, plain: PlainModel) -> str | None:
     """The first hook (or ``logits``) where ``plain`` and the bridge differ on the probes, None when every
     hook tracing reads, every other hook both compute, and the logits are bit for bit equal."""
     L = model.arch.n_layers
-    names = [
-        n
-        for layer in range(L)
-        for n in (
-            f"blocks.{layer}.hook_resid_pre",
-            f"blocks.{layer}.ln1.hook_normalized",
-            f"blocks.{layer}.ln1.hook_scale",
-            f"blocks.{layer}.attn.hook_q",
-            f"blocks.{layer}.attn.hook_k",
-            f"blocks.{layer}.attn.hook_v",
-            f"blocks.{layer}.attn.hook_pattern",
-            f"blocks.{layer}.attn.hook_z",
-            f"blocks.{layer}.hook_attn_out",
-            f"blocks.{layer}.hook_resid_mid",
-            f"blocks.{layer}.hook_mlp_out",
-            f"blocks.{layer}.hook_resid_post",
-        )
-    ] + ["ln_final.hook_scale", "ln_final.hook_normalized"]
+    names = [f"blocks.{layer}.{hook}" for layer in range(L) for hook in LAYER_HOOKS] + list(FINAL_HOOKS)
     names = [n for n in names if n in model.bridge.hook_dict]
     for tokens in probe_tokens(model.arch.d_vocab, model.arch.n_ctx):
         theirs_logits, theirs = model.run_with_cache(tokens, names)
@@ -357,13 +299,13 @@ def read_plain(
         activation = meta["activation"]
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"its metadata is incomplete ({err})") from err
-    missing = [f for f in (*_HEAD_FIELDS, *_MLP_FIELDS) if f not in tensors]
+    missing = [f for f in (*_HEAD_FIELDS, *MLP_FIELDS) if f not in tensors]
     if missing:
         raise ValueError(f"it lacks {missing}")
     if any(t.dtype != dtype for t in tensors.values()):
         raise ValueError(f"its tensors are not {dtype}")
     weights = HeadWeights(**{f: tensors[f] for f in _HEAD_FIELDS}, ln1_post_gain=None)
-    mlp = {f: tensors[f] for f in _MLP_FIELDS}
+    mlp = {f: tensors[f] for f in MLP_FIELDS}
     return PlainModel(cfg, arch, weights, mlp, eps, activation, tokenizer, device, dtype)
 
 
@@ -391,12 +333,10 @@ def _local_source(cfg: ModelConfig, root: Path) -> Path | None:
 
 def _light_tokenizer(cfg: ModelConfig, source: Path, root: Path) -> Any | None:
     """The model's tokenizer without transformers when it is saved and GPT-2's (None otherwise)."""
+    from attncomm.models.adapter import tokenizer_location
     from attncomm.models.light_tokenizer import load_light_tokenizer
 
-    if cfg.tokenizer == "gpt2-offline":
-        where: Path | str = root / "tokenizers" / "gpt2-offline"
-    else:
-        where = cfg.tokenizer or source
+    where = tokenizer_location(cfg, source, root)
     return load_light_tokenizer(where) if Path(where).is_dir() else None
 
 
