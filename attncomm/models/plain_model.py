@@ -270,7 +270,6 @@ def save_plain(path: Path, plain: PlainModel, key: dict[str, Any]) -> None:
         "arch": json.dumps(dataclasses.asdict(plain.arch), sort_keys=True),
         "eps": repr(plain.eps),
         "activation": plain.activation,
-        "names": json.dumps(sorted(plain.tensors())),
     }
     try:
         save_tensors(path, plain.tensors(), meta)
@@ -283,16 +282,9 @@ def read_plain(
     path: Path, key: dict[str, Any], cfg: ModelConfig, tokenizer: Any, device: str, dtype: torch.dtype
 ) -> PlainModel:
     """Read a plain cache file; raise ``ValueError`` for anything that is not exactly what was written."""
-    from safetensors import safe_open
+    from attncomm.models.weight_cache import read_tensors
 
-    with safe_open(str(path), framework="pt", device=str(device)) as fh:
-        meta = fh.metadata() or {}
-        if meta.get("key") != json.dumps(key, sort_keys=True):
-            raise ValueError("its key does not match")
-        names = sorted(fh.keys())
-        if names != sorted(json.loads(meta.get("names", "[]"))):
-            raise ValueError("its tensor names do not match its metadata")
-        tensors = {name: fh.get_tensor(name) for name in names}
+    tensors, meta = read_tensors(path, key, device)
     try:
         arch = ArchFacts(**json.loads(meta["arch"]))
         eps = float(meta["eps"])

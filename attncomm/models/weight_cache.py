@@ -50,6 +50,7 @@ __all__ = [
     "checkpoint_files",
     "checkpoint_hash",
     "processed_weights_cache",
+    "read_tensors",
     "save_tensors",
     "versions",
 ]
@@ -129,7 +130,8 @@ def _input_signature(state_dict: dict[str, Any]) -> str:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    """Write ``tensors`` (copies: the originals may share storage) atomically."""
+    """Write ``tensors`` (copies: the originals may share storage) atomically, with ``meta`` and the
+    tensors' names as metadata (checked by :func:`read_tensors`)."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,30 +139,44 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, s
     os.close(fd)
     try:
         copies = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-        save_file(copies, tmp, metadata=meta)
+        save_file(copies, tmp, metadata={**meta, "names": json.dumps(sorted(tensors))})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def _load(path: Path, key: dict[str, Any], signature: str, device: torch.device) -> dict[str, torch.Tensor]:
-    """Read a cache file; raise ``ValueError`` for anything that is not exactly what was written."""
+def read_tensors(
+    path: Path,
+    key: dict[str, Any],
+    device: torch.device | str,
+    check: Callable[[dict[str, str]], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a file :func:`save_tensors` wrote under ``key``; raise ``ValueError``
+    for anything that is not exactly what was written (``check`` may raise it for other metadata,
+    before any tensor is read)."""
     from safetensors import safe_open
 
-    tensors: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt", device=str(device)) as fh:
         meta = fh.metadata() or {}
         if meta.get("key") != json.dumps(key, sort_keys=True):
             raise ValueError("its key does not match")
-        if meta.get("input_signature") != signature:
-            raise ValueError("it was written for a different input state dict")
+        if check is not None:
+            check(meta)
         names = list(fh.keys())
         if sorted(names) != sorted(json.loads(meta.get("names", "[]"))):
             raise ValueError("its tensor names do not match its metadata")
-        for name in names:
-            tensors[name] = fh.get_tensor(name)
-    return tensors
+        return {name: fh.get_tensor(name) for name in names}, meta
+
+
+def _load(path: Path, key: dict[str, Any], signature: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """Read a cache file; raise ``ValueError`` for anything that is not exactly what was written."""
+
+    def same_input(meta: dict[str, str]) -> None:
+        if meta.get("input_signature") != signature:
+            raise ValueError("it was written for a different input state dict")
+
+    return read_tensors(path, key, device, same_input)[0]
 
 
 @contextlib.contextmanager
@@ -198,11 +214,7 @@ def processed_weights_cache(
         report["hit"] = False
         out = original(state_dict, cfg, *args, **kwargs)
         if all(isinstance(v, torch.Tensor) for v in out.values()):
-            meta = {
-                "key": json.dumps(key, sort_keys=True),
-                "input_signature": signature,
-                "names": json.dumps(sorted(out)),
-            }
+            meta = {"key": json.dumps(key, sort_keys=True), "input_signature": signature}
             try:
                 save_tensors(path, out, meta)
                 logger.info("processed weights of %s cached in %s", short_name, path)
