@@ -249,6 +249,23 @@ def stale_message(what: str, folder: Path, diff: list[str], overwrite_option: st
     )
 
 
+def recorded_differences(recorded: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    """:func:`differences` over the settings of ``expected`` only (a record may hold more)."""
+    return differences({k: recorded.get(k) for k in expected}, expected)
+
+
+def stale_input_error(
+    subject: str, made: str, diff: list[str], redo: str, run_dir: Path
+) -> StaleArtifactError:
+    """The refusal of an input made ``made`` (e.g. "with other settings") than this job's: every
+    differing setting and the two ways out (recompute with ``redo``, or a new run directory)."""
+    return StaleArtifactError(
+        f"{subject} were made {made} than this job's: {'; '.join(diff)}. Use this job's settings, "
+        f"recompute them here with {redo}, or write to a new run directory with paths.run_dir=NEW_DIR "
+        f"(run directory now: {run_dir})"
+    )
+
+
 def model_key(cfg: Any) -> dict[str, Any]:
     """The model part of a provenance key for an :class:`AppConfig`: weights and config hashes of its
     local directory, or the hub id and revision when the weights are not local yet."""
@@ -304,7 +321,7 @@ def require_trace_inputs_match(cfg: Any, folder: Path, stage: str, *, include_mo
     key = {**task_identity(cfg), **trace_settings(cfg)}
     if include_model:
         key.update(model_key(cfg))
-    diff = differences({k: recorded.get(k) for k in key}, key)
+    diff = recorded_differences(recorded, key)
     if diff:
         raise StaleArtifactError(
             f"{stage}: the tracing results in {folder} were made with other settings than this job's: "
@@ -558,14 +575,14 @@ def require_stage_inputs_match(cfg: Any, ctx: Any, stage: str) -> None:
         require_finished(recorded, f"{stage}: the {upstream} outputs in {STAGE_KEYS[upstream].folder(ctx)}",
                          path, f"stage={upstream}", ctx.run_dir)  # fmt: skip
         expected = stage_key(cfg, upstream, ctx)
-        diff = differences({k: recorded.get(k) for k in expected}, expected)
+        diff = recorded_differences(recorded, expected)
         if diff:
-            raise StaleArtifactError(
-                f"{stage}: the {upstream} outputs in {STAGE_KEYS[upstream].folder(ctx)} (recorded in "
-                f"{path}) were made with other settings than "
-                f"this job's: {'; '.join(diff)}. Use this job's settings, recompute them here with "
-                f"stage={upstream} overwrite=true, or write to a new run directory with "
-                f"paths.run_dir=NEW_DIR (run directory now: {ctx.run_dir})"
+            raise stale_input_error(
+                f"{stage}: the {upstream} outputs in {STAGE_KEYS[upstream].folder(ctx)} (recorded in {path})",
+                "with other settings",
+                diff,
+                f"stage={upstream} overwrite=true",
+                ctx.run_dir,
             )
 
 
@@ -647,7 +664,7 @@ def stage_outputs_current(cfg: Any, ctx: Any, stage: str) -> bool:
         expected.pop("model.name", None)
     else:
         expected = stage_key(cfg, stage, ctx)
-    return not differences({k: recorded.get(k) for k in expected}, expected)
+    return not recorded_differences(recorded, expected)
 
 
 def require_same_model_and_task(cfg: Any, ctx: Any, stage: str, record: Path, redo: str) -> None:
@@ -660,11 +677,12 @@ def require_same_model_and_task(cfg: Any, ctx: Any, stage: str, record: Path, re
     require_finished(recorded, f"{stage}: the outputs recorded in {record}", record, redo, ctx.run_dir)
     expected = {**model_key_or_name(cfg), **task_identity(cfg), "device.dtype": cfg.device.dtype}
     expected.pop("model.name", None)  # weights not found here: compare the rest
-    diff = differences({k: recorded.get(k) for k in expected}, expected)
+    diff = recorded_differences(recorded, expected)
     if diff:
-        raise StaleArtifactError(
-            f"{stage}: the outputs recorded in {record} were made for another model or other prompts "
-            f"than this job's: {'; '.join(diff)}. Use this job's settings, recompute them here with "
-            f"`{redo} overwrite=true`, or write to a new run directory with "
-            f"paths.run_dir=NEW_DIR (run directory now: {ctx.run_dir})"
+        raise stale_input_error(
+            f"{stage}: the outputs recorded in {record}",
+            "for another model or other prompts",
+            diff,
+            f"`{redo} overwrite=true`",
+            ctx.run_dir,
         )
